@@ -52,6 +52,8 @@ def _settings_config(prefix: str) -> SettingsConfigDict:
         extra="ignore",
         case_sensitive=False,
         validate_default=True,
+        # Field names work too (Settings.load overrides), also for fields with an alias such as RERANKER_BATCH_SIZE.
+        populate_by_name=True,
     )
 
 
@@ -77,6 +79,9 @@ class ModelConfig(BaseSettings):
     # Timeout of one online API call in seconds, and the bounded retries on 429/503 (logged).
     request_timeout: float = Field(default=30.0, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10)
+    # First wait (seconds) before a retry on 429/503, doubled on each further attempt; an upstream Retry-After
+    # header wins (capped at request_timeout). Longer waits ride out rate limits; shorter ones fail faster.
+    retry_backoff: float = Field(default=0.5, ge=0, le=60)
     # Items per online API call (OpenAI caps inputs per request at 2048).
     api_batch_size: int = Field(default=256, ge=1, le=2048)
     # Where a local model runs: "cpu" or "cuda:N". One model per GPU is the intended layout.
@@ -94,6 +99,14 @@ class ModelConfig(BaseSettings):
     max_batch_tokens: int | Literal["auto"] = "auto"
     # Upper bound on texts in one forward batch (whatever the token budget allows).
     max_batch_size: int = Field(default=256, ge=1)
+    # max_batch_tokens=auto on a GPU: the share of the device's free memory (after the weights) left unused
+    # (allocator fragmentation, other processes, drift from the measured activation cost). Larger = safer, smaller
+    # batches. Default 0.2.
+    auto_batch_memory_margin: float = Field(default=0.2, ge=0.0, lt=1.0)
+    # max_batch_tokens=auto: ceiling of the measured budget on a GPU, and the budget itself on the CPU (raised to
+    # MAX_LENGTH when that is longer). Past ~16k tokens larger batches add little throughput (+8% from 16k to 65k
+    # on an H200, docs gpu-baseline) but cost activation memory. Default 32768.
+    auto_batch_tokens_limit: int = Field(default=32768, ge=64)
     # How long (ms) a partial batch may wait for more arrivals while the device is busy. 0 = never wait: an idle
     # device takes a lone request at once; while it is busy, arrivals accumulate into the next batch anyway.
     max_queue_time_ms: float = Field(default=0.0, ge=0)
@@ -158,7 +171,13 @@ class EmbeddingConfig(ModelConfig):
 
     model_config = _settings_config("EMBEDDING_")
 
-    model_path: str | None = PACKAGED_MINILM
+    @model_validator(mode="after")
+    def _packaged_default(self) -> EmbeddingConfig:
+        # The packaged weights stand in only for the default model: with another EMBEDDING_MODEL_NAME and no
+        # EMBEDDING_MODEL_PATH, that model is loaded (an empty variable cannot clear a non-empty default).
+        if self.model_path is None and self.model_name == ModelConfig.model_fields["model_name"].default:
+            self.model_path = PACKAGED_MINILM
+        return self
 
 
 class RerankerConfig(ModelConfig):
@@ -198,6 +217,9 @@ class MultimodalEmbeddingConfig(ModelConfig):
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     # Allow http(s) image URLs. Off: a URL would let callers make the server fetch arbitrary addresses.
     allow_image_urls: bool = False
+    # Timeout (s) of fetching one image URL (only with ALLOW_IMAGE_URLS); the download is also capped at
+    # MAX_IMAGE_BYTES. Longer = slow hosts succeed, but a request may hold a worker thread that long.
+    image_url_timeout: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _pixel_bounds(self) -> MultimodalEmbeddingConfig:
@@ -228,6 +250,19 @@ class MilvusConfig(BaseSettings):
     rrf_k: int = Field(default=60, ge=1)
     # Candidates fetched from the store before the reranker keeps RERANKER_TOP_N.
     search_limit: int = Field(default=20, ge=1, le=16384)
+    # HNSW graph degree and build breadth (Milvus needs both on a server). Larger = better recall, slower build.
+    hnsw_m: int = Field(default=16, ge=2, le=2048)
+    hnsw_ef_construction: int = Field(default=200, ge=1)
+    # HNSW search breadth (raised to the request's limit when smaller). Larger = better recall, slower search.
+    search_ef: int = Field(default=64, ge=1)
+    # IVF_FLAT cluster count at build and clusters probed per search. More probes = better recall, slower search.
+    ivf_nlist: int = Field(default=128, ge=1, le=65536)
+    ivf_nprobe: int = Field(default=16, ge=1, le=65536)
+    # Consistency of searches. Strong = a query sees every finished ingest (read-your-writes); Bounded/Eventually
+    # are faster on a server but may miss the last seconds of writes. Deletes and re-ingests always read Strong.
+    consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Strong"
+    # Seconds one store call may take before it fails with HTTP 503 (a stalled or unreachable server).
+    request_timeout: float = Field(default=30.0, gt=0)
 
     @field_validator("hybrid_weights")
     @classmethod
@@ -361,12 +396,7 @@ def describe_validation_error(exc: ValidationError, group: type[BaseSettings]) -
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         if not field and ":" in message:  # model validators name their field at the start of the message
             field, message = (part.strip() for part in message.split(":", 1))
-        if not field:
-            variable = prefix.rstrip("_")
-        elif field.upper().startswith(prefix.upper()):  # an alias (e.g. RERANKER_BATCH_SIZE) is already a name
-            variable = field.upper()
-        else:
-            variable = f"{prefix}{field.upper()}"
+        variable = _variable_name(group, field, prefix)
         received = error.get("input")
         shown = "<secret>" if field.lower() in _SECRET_FIELDS else repr(received)
         if isinstance(received, dict):  # the whole model was the input: the message says what is wrong
@@ -374,3 +404,15 @@ def describe_validation_error(exc: ValidationError, group: type[BaseSettings]) -
         else:
             lines.append(f"{variable}={shown}: {message}")
     return lines
+
+
+def _variable_name(group: type[BaseSettings], field: str, prefix: str) -> str:
+    """The environment variable(s) behind `field`, which is a field name or one of its aliases."""
+    if not field:
+        return prefix.rstrip("_")
+    for name, info in group.model_fields.items():
+        aliases = getattr(info.validation_alias, "choices", None) or []
+        names = [str(alias).upper() for alias in aliases]
+        if name == field or field.upper() in names:
+            return " / ".join(names) if names else f"{prefix}{name.upper()}"
+    return f"{prefix}{field.upper()}"

@@ -13,10 +13,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from backend.api.error_handlers import install_error_handlers
+from backend.api.metrics import install_metrics
 from backend.api.routes import ROUTERS
 from backend.api.state import Services
 from backend.config import Settings
 from backend.services import model_factory
+from backend.services.rag_service import RAGService
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,10 @@ async def build_services(settings: Settings) -> Services:
             if provider is not None:
                 await provider.warmup()
                 logger.info("ready: %s", provider.info().as_dict())
+        # After the providers: the store's dimensions come from them (and Services.close closes it first).
+        services.rag = await RAGService.create(
+            settings, services.embedding, reranker=services.reranker, multimodal=services.multimodal
+        )
     except BaseException:
         await services.close()
         raise
@@ -56,6 +62,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = FastAPI(title="RAG backend (local GPU models)", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings or (services.settings if services is not None else None)
     install_error_handlers(app)
+    install_metrics(app)
     for router in ROUTERS:
         app.include_router(router)
     return app

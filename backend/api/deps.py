@@ -32,7 +32,7 @@ def require_api_key(
     services: Services | None = getattr(request.app.state, "services", None)
     settings = services.settings if services is not None else request.app.state.settings
     expected = settings.backend.api_key if settings is not None else None
-    if expected is None:
+    if expected is None or not expected.get_secret_value():  # an empty key means no auth, never "any key"
         return
     given = credentials.credentials if credentials is not None else ""
     if not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):

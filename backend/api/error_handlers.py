@@ -37,7 +37,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-        problems.append(f"{where}: {error.get('msg')}")
+        problems.append(f"{where}: {str(error.get('msg')).removeprefix('Value error, ')}")
     return JSONResponse(
         status_code=422,
         content=jsonable_encoder(_body("invalid_request", "; ".join(problems), errors=exc.errors())),

@@ -66,6 +66,10 @@ class BaseEmbeddingProvider(BaseProvider):
         """Longest input in tokens the provider embeds without truncation."""
         return 8192
 
+    async def count_tokens(self, texts: list[str]) -> int | None:
+        """Tokens `texts` occupy (the `usage` of /v1/embeddings); None when the provider cannot count them."""
+        return None
+
     @abc.abstractmethod
     async def embed(
         self,

@@ -1,0 +1,212 @@
+"""The token budget of one forward batch (<PREFIX>MAX_BATCH_TOKENS): measured at boot, or checked when explicit.
+
+- GPU, "auto": measure the activation memory per token with two synthetic forwards (1 and 4 rows of up to 512
+  tokens, `torch.cuda.max_memory_allocated`), then size the budget to the device's free memory, keeping
+  AUTO_BATCH_MEMORY_MARGIN of it unused, capped at AUTO_BATCH_TOKENS_LIMIT and at MAX_BATCH_SIZE x MAX_LENGTH.
+  Logged with the numbers it came from.
+- GPU, explicit: a warm-up forward at the full budget (rows of MAX_LENGTH tokens, the worst shape); an
+  out-of-memory becomes a ConfigurationError naming MAX_BATCH_TOKENS and the size that would fit.
+- CPU: "auto" is AUTO_BATCH_TOKENS_LIMIT (raised to MAX_LENGTH); memory is not measured.
+- Always: the budget must hold one input of MAX_LENGTH tokens, else an error naming both settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from backend.config import ModelConfig
+from backend.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from backend.providers.batching import BatchProcessor
+    from backend.providers.device import DeviceSpec
+
+logger = logging.getLogger(__name__)
+
+# Synthetic forward used to measure: rows x tokens of the two probes (memory is linear in tokens with sdpa).
+MEASURE_ROWS = (1, 4)
+MEASURE_TOKENS = 512
+# Shrink factor and attempts when an "auto" budget still runs out of memory in the warm-up forward.
+AUTO_SHRINK = 0.75
+AUTO_ATTEMPTS = 4
+
+ProbeForward = Callable[[int, int], None]  # (rows, tokens per row) -> runs one synthetic forward on the device
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The budget chosen and where it came from (shown in logs and /api/health)."""
+
+    tokens: int
+    source: str  # "explicit" | "auto (measured)" | "auto (cpu default)"
+    bytes_per_token: float | None = None
+    free_bytes: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"max_batch_tokens": self.tokens, "budget_source": self.source}
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def measure_activation_cost(probe: ProbeForward, device: torch.device, max_length: int) -> tuple[float, int]:
+    """Bytes per token and fixed bytes of one forward on `device` (call in the device thread)."""
+    tokens = min(max_length, MEASURE_TOKENS)
+    peaks = []
+    for rows in MEASURE_ROWS:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        probe(rows, tokens)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    extra_tokens = (MEASURE_ROWS[1] - MEASURE_ROWS[0]) * tokens
+    per_token = max((peaks[1] - peaks[0]) / extra_tokens, peaks[1] / (MEASURE_ROWS[1] * tokens) / 4, 1.0)
+    fixed = max(int(peaks[0] - per_token * MEASURE_ROWS[0] * tokens), 0)
+    torch.cuda.empty_cache()
+    return per_token, fixed
+
+
+def tokens_that_fit(free_bytes: int, per_token: float, fixed: int, margin: float) -> int:
+    """Tokens whose activations fit in `free_bytes` after the margin and the fixed cost; a multiple of 64."""
+    usable = free_bytes * (1.0 - margin) - fixed
+    return max(int(usable / per_token) // 64 * 64, 0)
+
+
+def check_budget_holds_max_length(tokens: int, max_length: int, prefix: str, *, measured: bool = False) -> None:
+    if tokens >= max_length:
+        return
+    if measured:
+        raise ConfigurationError(
+            f"Only about {tokens} tokens of activations fit beside the model, less than one input of "
+            f"{prefix}MAX_LENGTH={max_length} tokens. Lower {prefix}MAX_LENGTH, use a smaller {prefix}DTYPE or "
+            "a GPU with more free memory.",
+            setting=f"{prefix}MAX_LENGTH",
+        )
+    raise ConfigurationError(
+        f"{prefix}MAX_BATCH_TOKENS={tokens} cannot hold one input of {prefix}MAX_LENGTH={max_length} tokens: "
+        f"raise {prefix}MAX_BATCH_TOKENS to at least {max_length} (or 'auto'), or lower {prefix}MAX_LENGTH.",
+        setting=f"{prefix}MAX_BATCH_TOKENS",
+    )
+
+
+async def plan_batch_tokens(
+    processor: BatchProcessor[Any, Any],
+    spec: DeviceSpec,
+    config: ModelConfig,
+    *,
+    max_length: int,
+    probe_forward: ProbeForward,
+    run_warmup: bool = True,
+) -> BudgetPlan:
+    """Choose the token budget (see the module docstring), set it on `processor` and return it.
+
+    `probe_forward(rows, tokens)` runs one synthetic forward of that shape; it is called in the device thread
+    through `processor.run_exclusive`. With `run_warmup`, a CUDA budget is proven by a full-size forward.
+    """
+    prefix = config.env_prefix()
+    ceiling = config.max_batch_size * max_length  # the batcher never cuts more than this
+    setting = config.max_batch_tokens
+    if setting != "auto":
+        check_budget_holds_max_length(int(setting), max_length, prefix)
+        plan = BudgetPlan(int(setting), "explicit")
+        if spec.is_cuda and run_warmup:
+            await _warm_explicit(processor, spec, plan.tokens, max_length, ceiling, probe_forward, config)
+    elif not spec.is_cuda:
+        plan = BudgetPlan(min(max(config.auto_batch_tokens_limit, max_length), ceiling), "auto (cpu default)")
+    else:
+        plan = await _measure_auto(processor, spec, config, max_length, ceiling, probe_forward, run_warmup)
+    processor.set_max_batch_tokens(plan.tokens)
+    measured = ""
+    if plan.bytes_per_token is not None:
+        free_gib = (plan.free_bytes or 0) / 2**30
+        measured = f"; {plan.bytes_per_token / 1024:.1f} KiB of activations per token, {free_gib:.2f} GiB free"
+    logger.info("%s: max batch tokens %d (%s%s)", processor.name, plan.tokens, plan.source, measured)
+    return plan
+
+
+def _warm_shape(tokens: int, max_length: int, ceiling: int) -> tuple[int, int]:
+    """Rows x length of the worst-case batch within `tokens`: rows of MAX_LENGTH tokens."""
+    tokens = min(tokens, ceiling)
+    length = min(max_length, tokens)
+    return max(tokens // length, 1), length
+
+
+async def _warm_explicit(
+    processor: BatchProcessor[Any, Any],
+    spec: DeviceSpec,
+    tokens: int,
+    max_length: int,
+    ceiling: int,
+    probe: ProbeForward,
+    config: ModelConfig,
+) -> None:
+    rows, length = _warm_shape(tokens, max_length, ceiling)
+    try:
+        await processor.run_exclusive(lambda: probe(rows, length))
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        per_token, fixed = await processor.run_exclusive(
+            lambda: measure_activation_cost(probe, spec.torch_device, max_length)
+        )
+        free, _ = torch.cuda.mem_get_info(spec.torch_device)
+        fits = tokens_that_fit(free, per_token, fixed, config.auto_batch_memory_margin)
+        prefix = config.env_prefix()
+        raise ConfigurationError(
+            f"{prefix}MAX_BATCH_TOKENS={tokens} does not fit on {spec.device}: the boot warm-up forward ran out of "
+            f"memory. About {fits} tokens fit ({per_token / 1024:.0f} KiB per token, {free / 2**30:.2f} GiB free): "
+            f"set {prefix}MAX_BATCH_TOKENS={fits} or auto.",
+            setting=f"{prefix}MAX_BATCH_TOKENS",
+            fits=fits,
+        ) from exc
+    finally:
+        await processor.run_exclusive(torch.cuda.empty_cache)
+
+
+async def _measure_auto(
+    processor: BatchProcessor[Any, Any],
+    spec: DeviceSpec,
+    config: ModelConfig,
+    max_length: int,
+    ceiling: int,
+    probe: ProbeForward,
+    run_warmup: bool,
+) -> BudgetPlan:
+    prefix = config.env_prefix()
+    per_token, fixed = await processor.run_exclusive(
+        lambda: measure_activation_cost(probe, spec.torch_device, max_length)
+    )
+    free, _ = torch.cuda.mem_get_info(spec.torch_device)
+    tokens = min(tokens_that_fit(free, per_token, fixed, config.auto_batch_memory_margin), ceiling)
+    tokens = min(tokens, config.auto_batch_tokens_limit) if tokens >= max_length else tokens
+    check_budget_holds_max_length(tokens, max_length, prefix, measured=True)
+    for _ in range(AUTO_ATTEMPTS if run_warmup else 0):
+        rows, length = _warm_shape(tokens, max_length, ceiling)
+        try:
+            await processor.run_exclusive(lambda: probe(rows, length))  # noqa: B023 - awaited in this iteration
+            break
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            smaller = int(tokens * AUTO_SHRINK) // 64 * 64
+            logger.warning("%s: %d tokens ran out of memory at warm-up; trying %d", processor.name, tokens, smaller)
+            tokens = smaller
+            check_budget_holds_max_length(tokens, max_length, prefix, measured=True)
+        finally:
+            await processor.run_exclusive(torch.cuda.empty_cache)
+    else:
+        if run_warmup:
+            raise ConfigurationError(
+                f"No {prefix}MAX_BATCH_TOKENS=auto budget survived the warm-up on {spec.device}; set "
+                f"{prefix}MAX_BATCH_TOKENS explicitly or raise {prefix}AUTO_BATCH_MEMORY_MARGIN.",
+                setting=f"{prefix}MAX_BATCH_TOKENS",
+            )
+    return BudgetPlan(tokens, "auto (measured)", per_token, free)
