@@ -207,6 +207,8 @@ class MultimodalEmbeddingConfig(ModelConfig):
     model_name: str = "Alibaba-NLP/gme-Qwen2-VL-2B-Instruct"
     max_length: int = Field(default=1800, ge=8)
     max_batch_size: int = Field(default=32, ge=1)
+    # Queued images are held decoded (up to ~3 MB each at MAX_PIXELS): 1M queued tokens bound that to a few GB.
+    max_queue_tokens: int = Field(default=1_000_000, ge=1)
     # Instruction for queries; documents always use GME's default "You are a helpful assistant.".
     instruction: str = "Find an image that matches the given text."
     # Image resizing bounds in pixels (GME: 256 and 1280 image tokens of 28x28 pixels).

@@ -178,8 +178,10 @@ async def ours_phase(ctx: Context, pools: dict[str, Pool]) -> dict[str, Any]:
     import _providers as pv
 
     out: dict[str, Any] = {}
+    pv.release_memory()
     with bh.Ballast(ctx.device, ctx.args.card_gib) as ballast:
         out["ballast_gib"] = ballast.bytes / 2**30
+        out["allocated_before_load_gib"] = ballast.gib(pv.memory(ctx.device)["allocated_gib"])
         pv.reset_peak(ctx.device)
         began = time.perf_counter()
         provider = await pv.open_provider("embedding", ctx.config)

@@ -73,8 +73,11 @@ class Ballast:
 
     def __enter__(self) -> Ballast:
         if self.card_gib and self.device.startswith("cuda"):
+            import gc
+
             import torch
 
+            gc.collect()  # whatever an earlier phase left (a baseline model) goes back to the driver first
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             used_outside = total - free - torch.cuda.memory_reserved(self.device)  # context, other processes

@@ -58,9 +58,10 @@ async def run_reranker(ctx: Any) -> None:
     import _random_weights as rw
 
     args = ctx.args
+    doc_tokens = 32 if args.quick else 256
     query = _texts(ctx, 20, 20, 1, seed=3)[0]
-    docs10 = _texts(ctx, 256, 256, 10, seed=4)
-    docs100 = _texts(ctx, 256, 256, 10 if args.quick else 100, seed=5)
+    docs10 = _texts(ctx, doc_tokens, doc_tokens, 10, seed=4)
+    docs100 = _texts(ctx, doc_tokens, doc_tokens, 10 if args.quick else 100, seed=5)
     base = await full_head_baseline(ctx, query, docs10, args.repeats) if ctx.path else {}
     with bh.Ballast(ctx.device, args.card_gib) as ballast:
         pv.reset_peak(ctx.device)
@@ -79,7 +80,7 @@ async def run_reranker(ctx: Any) -> None:
                  "p95 ms": percentiles(ours10)["p95"]})
     rows.append({"path": "ours (provider.rerank)", "documents": len(docs100), "p50 ms": percentiles(ours100)["p50"],
                  "p95 ms": percentiles(ours100)["p95"]})
-    ctx.report.table("rerank: query 20 tokens + template + 256-token documents", rows)
+    ctx.report.table(f"rerank: query 20 tokens + template + {doc_tokens}-token documents", rows)
     last = base.get("last position only")
     if last:
         x = ratio(percentiles(ours10)["p50"], percentiles(last)["p50"])

@@ -114,6 +114,7 @@ def memory_tables(ctx: Any, seed: dict[str, Any], ours: dict[str, Any]) -> None:
                          "the token budget does not fit: lower EMBEDDING_MAX_BATCH_TOKENS or EMBEDDING_MAX_LENGTH")
     info = ours.get("info", {})
     mem = {"ballast GiB (emulated card)": ours.get("ballast_gib"), "card GiB": ctx.args.card_gib or None,
+           "allocated before load GiB": ours.get("allocated_before_load_gib"),
            "load+warmup s": ours.get("load_warmup_s"), "after warm-up GiB": ours.get("after_warmup_gib"),
            "warm-up peak GiB": ours.get("warmup_peak_gib"), "peak GiB (whole run)": ours.get("peak_gib"),
            "bound GiB": ctx.bound, "budget (info)": info.get("max_batch_tokens")}

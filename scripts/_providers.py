@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import os
 import random
 import shutil
 from pathlib import Path
@@ -31,6 +32,8 @@ def random_slot(geometry: str, *, device: str, dtype: str, attn: str = "sdpa", w
                 build_device: str | None = None, **extra: Any) -> tuple[str, dict[str, Any], Path]:
     """Build (or reuse) a random-weight folder for `geometry`; return (kind, group overrides, folder)."""
     kind = rw.geometry(geometry).kind
+    if not weights_dir and os.environ.get("BENCH_WEIGHTS_ROOT"):  # shared by the phases of one benchmark run
+        weights_dir = str(Path(os.environ["BENCH_WEIGHTS_ROOT"]) / f"{geometry}-{dtype}")
     if weights_dir and (Path(weights_dir) / "config.json").exists():
         path = Path(weights_dir)
     else:

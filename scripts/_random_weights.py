@@ -148,10 +148,24 @@ def _st_files(out: Path, hidden: int, max_length: int) -> None:
     (out / "2_Normalize").mkdir(exist_ok=True)
 
 
-def default_weights_root() -> Path:
-    """/dev/shm when it exists (weights never touch the disk), else the system temp folder."""
+def checkpoint_bytes(name: str, dtype: str = "float16") -> int:
+    """Approximate size of the saved checkpoint (all parameters, vision tower included)."""
+    g = geometry(name)
+    params = parameter_count(name)["body"] + parameter_count(name)["embedding"]
+    if g.vision:
+        v = g.vision
+        params += v["depth"] * 12 * v["embed_dim"] ** 2 + 4 * v["embed_dim"] ** 2 * 4
+    return params * (4 if dtype == "float32" else 2)
+
+
+def default_weights_root(need_bytes: int = 0) -> Path:
+    """/dev/shm when it has room (weights never touch the disk), else the system temp folder."""
+    import shutil
+
     shm = Path("/dev/shm")
-    return shm if shm.is_dir() else Path(tempfile.gettempdir())
+    if shm.is_dir() and shutil.disk_usage(shm).free > need_bytes * 1.2 + 2**30:
+        return shm
+    return Path(tempfile.gettempdir())
 
 
 def build_model_dir(name: str, out_dir: str | Path | None = None, *, device: str = "cpu",
@@ -172,8 +186,8 @@ def build_model_dir(name: str, out_dir: str | Path | None = None, *, device: str
     )
 
     g = geometry(name)
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix=f"{name}-",
-                                                                          dir=default_weights_root()))
+    root = default_weights_root(checkpoint_bytes(name, dtype))
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
     out.mkdir(parents=True, exist_ok=True)
     max_length = int(g.text.get("max_position_embeddings", 4096))
     tok = _tokenizer(g.kind, max_length)
@@ -209,7 +223,8 @@ def slot_overrides(name: str, path: Path, *, device: str, dtype: str = "auto",
                    attn_implementation: str = "sdpa", **extra: Any) -> dict[str, Any]:
     """Field values of the settings group that serves geometry `name` (as given to Settings.load overrides)."""
     g = geometry(name)
-    values: dict[str, Any] = {"provider": "local_gpu", "model_name": g.source or name, "model_path": str(path),
+    # The served name says what it is: random weights in a real model's geometry.
+    values: dict[str, Any] = {"provider": "local_gpu", "model_name": f"random/{name}", "model_path": str(path),
                               "device": device, "dtype": dtype, "attn_implementation": attn_implementation}
     if g.kind != "embedding":
         values["enabled"] = True

@@ -27,7 +27,7 @@ def load_sentence_transformer(path: str, device: str, dtype: str, attn_implement
     return SentenceTransformer(
         path, device=device,
         model_kwargs={"torch_dtype": getattr(torch, dtype), "attn_implementation": attn_implementation},
-        tokenizer_kwargs={"padding_side": "left"},
+        processor_kwargs={"padding_side": "left"},
     )
 
 

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_quick(args: argparse.Namespace) -> None:
     if args.quick:
-        args.clients, args.duration, args.warmup = "1,4", 0.3, 0.1
+        args.clients, args.duration, args.warmup = "1,4", 0.5, 0.1
         args.bulk_texts, args.repeats, args.long_docs = 16, 3, 2
         args.long_max = 600
 

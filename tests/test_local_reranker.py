@@ -23,7 +23,7 @@ from backend.providers import reranker_runners as rr
 # Copied character by character from the Qwen3-Reranker README (models.md §2.2); not imported on purpose.
 README_PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
-    "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
+    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
 )
 README_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -271,8 +271,13 @@ def tiny_bert_cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Pat
     tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), model_max_length=64)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=1,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=1,
     )
     BertForSequenceClassification(config).eval().save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -1,13 +1,12 @@
 """MultimodalEmbeddingProvider (GME-Qwen2-VL, native) against the official recipe, on the tiny random Qwen2-VL.
 
-The reference below is written from the official pipeline (shared/docs/models.md §3.2-3.4: gme_inference.py's
-`embed`, `forward` and qwen_vl_utils' `fetch_image`), independently of backend/providers/{gme,images}.py.
+The reference (tests/gme_reference.py) is written from the official pipeline (shared/docs/models.md §3.2-3.4),
+independently of backend/providers/{gme,images}.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+from transformers import AutoProcessor
 
 from backend.config import MultimodalEmbeddingConfig
 from backend.errors import (
@@ -30,6 +29,8 @@ from backend.errors import (
 from backend.providers.gme import GmeInputBuilder, format_input
 from backend.providers.images import fetch_image
 from backend.providers.multimodal import MultimodalEmbeddingProvider
+from backend.services import model_factory
+from tests.gme_reference import OfficialGme, official_fetch_image
 
 # Bounds different from the fixture processor's own (4..64 tokens), so the test sees that the settings apply.
 MIN_PIXELS = 8 * 28 * 28
@@ -37,82 +38,6 @@ MAX_PIXELS = 32 * 28 * 28
 QUERY_INSTRUCTION = "Find an image that matches the given text."
 
 TEXTS = ["a red apple", "the cat sits on the mat and the dog sits on the rug today", "paris"]
-
-
-# --- the official recipe, independently -------------------------------------------------------------------
-def _official_smart_resize(height: int, width: int) -> tuple[int, int]:
-    factor, min_pixels, max_pixels, max_ratio = 28, 4 * 28 * 28, 16384 * 28 * 28, 200
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar, w_bar = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    if max(h_bar, w_bar) / min(h_bar, w_bar) > max_ratio:
-        h_bar, w_bar = (w_bar * max_ratio, w_bar) if h_bar > w_bar else (h_bar, h_bar * max_ratio)
-    return h_bar, w_bar
-
-
-def _official_fetch_image(image: Image.Image) -> Image.Image:
-    image = image.convert("RGB")
-    width, height = image.size
-    resized_height, resized_width = _official_smart_resize(height, width)
-    return image.resize((resized_width, resized_height))
-
-
-class OfficialGme:
-    """gme_inference.GmeQwen2VL.embed + forward (right padding, as the official HF code)."""
-
-    def __init__(self, model_dir: Path, dtype: torch.dtype) -> None:
-        self.base = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, torch_dtype=dtype).eval()
-        self.processor = AutoProcessor.from_pretrained(
-            model_dir, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, use_fast=False
-        )
-        self.processor.tokenizer.padding_side = "right"
-        self.default_instruction = "You are a helpful assistant."
-
-    def forward(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
-        inputs_embeds = self.base.model.embed_tokens(input_ids)
-        if pixel_values is not None:
-            pixel_values = pixel_values.type(self.base.visual.get_dtype())
-            image_embeds = self.base.visual(pixel_values, grid_thw=image_grid_thw)
-            inputs_embeds[input_ids == self.base.config.image_token_id] = image_embeds
-        outputs = self.base.model(
-            input_ids=None, position_ids=None, attention_mask=attention_mask, inputs_embeds=inputs_embeds
-        )
-        left_padding = attention_mask[:, -1].sum() == attention_mask.shape[0]
-        if left_padding:
-            embeddings = outputs.last_hidden_state[:, -1]
-        else:
-            lengths = attention_mask.sum(dim=1) - 1
-            embeddings = outputs.last_hidden_state[torch.arange(input_ids.shape[0]), lengths]
-        return torch.nn.functional.normalize(embeddings, p=2, dim=1)
-
-    def embed(self, texts: list[Any], images: list[Any], is_query: bool = True, instruction: str | None = None):
-        input_texts, input_images = [], []
-        for t, i in zip(texts, images, strict=True):
-            if not is_query or instruction is None:
-                instruction = self.default_instruction
-            input_str = ""
-            if i is None:
-                input_images = None
-            else:
-                input_str += "<|vision_start|><|image_pad|><|vision_end|>"
-                input_images.append(_official_fetch_image(i))
-            if t is not None:
-                input_str += t
-            msg = (
-                f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n{input_str}<|im_end|>\n"
-                "<|im_start|>assistant\n<|endoftext|>"
-            )
-            input_texts.append(msg)
-        inputs = self.processor(
-            text=input_texts, images=input_images, padding=True, truncation=True, max_length=1800, return_tensors="pt"
-        )
-        with torch.no_grad():
-            return self.forward(**inputs).float().numpy()
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:
@@ -126,7 +51,7 @@ IMAGES = [random_image(120, 90, 1), random_image(30, 20, 2), random_image(300, 2
 
 @pytest.fixture(scope="module")
 def official(tiny_qwen2vl_dir: Path) -> OfficialGme:
-    return OfficialGme(tiny_qwen2vl_dir, torch.float32)
+    return OfficialGme(tiny_qwen2vl_dir, torch.float32, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
 
 def make_config(model_dir: Path, **overrides: Any) -> MultimodalEmbeddingConfig:
@@ -183,17 +108,20 @@ def test_builder_ids_and_pixels_equal_the_official_processor_call(
     for text, image in [("a cat", IMAGES[2]), (None, IMAGES[1]), ("a cat", None)]:
         prompt = format_input(text, has_image=image is not None, instruction="You are a helpful assistant.")
         expected = official.processor(
-            text=[prompt], images=[_official_fetch_image(image)] if image else None, return_tensors="pt"
+            text=[prompt], images=[official_fetch_image(image)] if image else None, return_tensors="pt"
         )
         features = builder.build(text, fetch_image(image) if image else None, "You are a helpful assistant.")
         assert features.input_ids == expected["input_ids"][0].tolist()
         if image is not None:
-            assert torch.equal(features.pixel_values, expected["pixel_values"])
-            assert torch.equal(features.image_grid_thw, expected["image_grid_thw"])
+            batch = builder.collate([features])
+            assert torch.equal(batch["pixel_values"], expected["pixel_values"])
+            assert torch.equal(batch["image_grid_thw"], expected["image_grid_thw"])
             # The cost counts the image tokens: grid_t * grid_h * grid_w / merge^2 of them are in the ids.
             image_tokens = int(expected["image_grid_thw"].prod()) // 4
             assert features.input_ids.count(official.base.config.image_token_id) == image_tokens
             assert MIN_PIXELS // 784 <= image_tokens <= MAX_PIXELS // 784
+            # Queued as uint8 at the final size, not as float patches.
+            assert features.image.mode == "RGB" and features.image.width * features.image.height <= MAX_PIXELS
 
 
 def test_over_long_text_is_shortened_and_keeps_the_pooled_end_token(provider: MultimodalEmbeddingProvider) -> None:
@@ -304,6 +232,12 @@ async def test_bad_inputs_raise_typed_errors(provider: MultimodalEmbeddingProvid
         await provider.embed(TEXTS, dimensions=32)
     with pytest.raises(InvalidImageError, match="ALLOW_IMAGE_URLS"):
         await provider.embed_images(["https://example.invalid/cat.png"])
+    with pytest.raises(InvalidImageError, match="image 0: unsupported type NoneType"):
+        await provider.embed_fused(["a"], [None])
+    with pytest.raises(InvalidInputTypeError, match="texts must be a list"):
+        await provider.embed("a single string")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="input_type='passage'"):
+        await provider.embed_images(IMAGES[:1], input_type="passage")  # type: ignore[arg-type]
     # Still serving afterwards.
     assert (await provider.embed_images(IMAGES[:1])).shape == (1, 64)
 
@@ -363,9 +297,9 @@ async def test_auto_budget_and_worst_case_probe_on_cpu(tiny_qwen2vl_dir: Path) -
         # The measurement probe: an image at MAX_PIXELS plus text, exactly `tokens` long.
         worst = provider._synthetic_input(256)
         assert 250 <= worst.cost <= 256
-        assert worst.image_grid_thw is not None and int(worst.image_grid_thw.prod()) // 4 == MAX_PIXELS // 784
+        assert worst.image is not None and provider.builder.image_tokens(worst.image) == MAX_PIXELS // 784
         short = provider._synthetic_input(40)  # no room for an image of MIN_PIXELS: text only
-        assert short.image_grid_thw is None and short.cost <= 40
+        assert short.image is None and short.cost <= 40
         await provider.batcher.run_exclusive(lambda: provider._probe_forward(2, 256))
     finally:
         await provider.close()
@@ -388,3 +322,43 @@ async def test_non_finite_output_is_an_error_and_the_provider_recovers(
         await provider.embed(TEXTS)
     monkeypatch.setattr(module, "embed_batch", real)
     assert np.isfinite(await provider.embed(TEXTS)).all()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [({"embedding_dim": 1536}, "EMBEDDING_DIM=1536, but .* gives 64-wide"), ({"pooling": "mean"}, "POOLING=mean")],
+)
+def test_settings_that_contradict_gme_fail_at_start(tiny_qwen2vl_dir: Path, overrides: dict, needle: str) -> None:
+    with pytest.raises(ConfigurationError, match=needle):
+        MultimodalEmbeddingProvider(make_config(tiny_qwen2vl_dir, **overrides))
+
+
+async def test_the_factory_builds_it_from_settings_with_the_declared_width(tiny_qwen2vl_dir: Path) -> None:
+    provider = model_factory.create_multimodal_provider(make_config(tiny_qwen2vl_dir, embedding_dim=64))
+    try:
+        assert isinstance(provider, MultimodalEmbeddingProvider)
+        assert (await provider.embed(["x"])).shape == (1, 64)
+    finally:
+        await provider.close()
+    assert model_factory.create_multimodal_provider(make_config(tiny_qwen2vl_dir, enabled=False)) is None
+
+
+@pytest.mark.gpu
+async def test_cuda_float16_with_a_measured_budget_matches_the_recipe(
+    tiny_qwen2vl_dir: Path, official: OfficialGme
+) -> None:
+    provider = MultimodalEmbeddingProvider(
+        make_config(tiny_qwen2vl_dir, device="cuda:0", dtype="float16", max_batch_tokens="auto")
+    )
+    try:
+        await provider.warmup()  # measures the activation cost with the worst-case image+text probe
+        assert provider.info().as_dict()["budget_source"] == "auto (measured)"
+        assert provider.batcher.max_batch_tokens >= provider.config.max_length
+        for got, expected in [
+            (await provider.embed(TEXTS), official.embed(TEXTS, [None] * 3, is_query=False)),
+            (await provider.embed_images(IMAGES), official.embed([None] * 3, IMAGES, is_query=False)),
+            (await provider.embed_fused(TEXTS, IMAGES), official.embed(TEXTS, IMAGES, is_query=False)),
+        ]:
+            assert_close(got, expected, 5e-3)
+    finally:
+        await provider.close()

@@ -213,3 +213,12 @@ class HealthResponse(BaseModel):
     providers: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per slot: provider, model, device, dtype, dimension, memory where known"
     )
+    store: dict[str, Any] | None = Field(default=None, description="The vector store: URI, collection, dimensions")
+
+
+def api_image(source: str) -> str:
+    """An API image string as the provider reads it: never a file path (callers must not read server files)."""
+    head = source.lstrip()[:8].lower()
+    if head.startswith(("data:", "http://", "https://")):
+        return source
+    return f"data:;base64,{source}"

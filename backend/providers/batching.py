@@ -177,8 +177,10 @@ class BatchProcessor(Generic[P, R]):
         self._closing = True
         self._wake.set()
         self._filled.set()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        tasks = [task for task in self._tasks if task.get_loop() is loop]  # those of a finished loop are gone
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if not self._closed:
             self._closed = True
             await asyncio.to_thread(self._executor.shutdown, wait=True)

@@ -16,6 +16,7 @@ NOT yet normalised fp32 vector per input, or a NonFiniteOutputError for an input
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ class _RunnerBase:
         self.spec = spec
         self.model_name = model_name
         self.prefix = prefix
+        # A fast tokenizer's truncation state is shared, mutable Rust state ("Already borrowed" across threads).
+        self.tokenize_lock = threading.Lock()
 
     def _rows(self, pooled: torch.Tensor) -> list[np.ndarray | BaseException]:
         """fp32 numpy rows; a row holding NaN/Inf becomes the typed error (fails only its request)."""
@@ -99,9 +102,10 @@ class Qwen3EmbeddingRunner(_RunnerBase):
         return list(texts)
 
     def tokenize(self, texts: list[str], max_length: int) -> list[WorkItem[list[int]]]:
-        encoded = self.tokenizer(
-            texts, add_special_tokens=False, truncation=True, max_length=max_length - 1
-        )["input_ids"]
+        with self.tokenize_lock:
+            encoded = self.tokenizer(
+                texts, add_special_tokens=False, truncation=True, max_length=max_length - 1
+            )["input_ids"]
         return [WorkItem(ids + [self.end_id], len(ids) + 1) for ids in encoded]
 
     def collate(self, payloads: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -183,7 +187,8 @@ class SentenceTransformerRunner(_RunnerBase):
         return [prompt + text for text in texts] if prompt else list(texts)
 
     def tokenize(self, texts: list[str], max_length: int) -> list[WorkItem[dict[str, list[int]]]]:
-        encoded = self.tokenizer(texts, truncation=True, max_length=max_length)
+        with self.tokenize_lock:
+            encoded = self.tokenizer(texts, truncation=True, max_length=max_length)
         keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in encoded]
         items = []
         for row in range(len(texts)):

@@ -6,7 +6,8 @@ Replicates Alibaba-NLP/gme-Qwen2-VL's `gme_inference.py` / `modeling_gme_qwen2vl
   + (`<|vision_start|><|image_pad|><|vision_end|>` when there is an image) + text
   + `<|im_end|>\\n<|im_start|>assistant\\n<|endoftext|>`; the literal `<|endoftext|>` is the pooled token.
   Documents use "You are a helpful assistant."; queries the given instruction.
-- Images: `images.fetch_image` (RGB + qwen_vl_utils smart_resize), then the processor within min/max pixels.
+- Images: `images.fetch_image` (RGB + qwen_vl_utils smart_resize), then the processor's resize within min/max
+  pixels (done when the input is prepared, so a queued image is uint8 at its final size), then its patches.
 - Forward (`embed_batch`): `embed_tokens(input_ids)`, `visual(pixel_values, grid_thw)` (one image per call, see
   `encode_images`) scattered into the `image_token_id` positions, the text decoder
   `model.model(inputs_embeds=..., attention_mask=...)` with `position_ids=None` (sequential positions on all
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from backend.errors import InvalidRequestError, ModelExecutionError
 
@@ -55,11 +57,12 @@ def resolve_instruction(input_type: str, instruction: str | None, query_instruct
 
 @dataclass
 class GmeFeatures:
-    """One processed input: its token ids and, for an image, its patches and (1, 3) grid."""
+    """One prepared input: its token ids and, for an image, the image at the processor's final size.
+
+    The image stays uint8 (at most MAX_PIXELS x 3 bytes) while queued; `collate` turns it into float patches."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
+    image: Image.Image | None = None
 
     @property
     def cost(self) -> int:
@@ -78,6 +81,9 @@ class GmeInputBuilder:
         image_processor.max_pixels = max_pixels
         image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         self.merge_size = int(image_processor.merge_size)
+        self.factor = int(image_processor.patch_size) * self.merge_size
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.resample = Image.Resampling(int(image_processor.resample))
         self.max_length = max_length
         self._lock = threading.Lock()
         pad_id = self.tokenizer.pad_token_id
@@ -121,24 +127,28 @@ class GmeInputBuilder:
         )
 
     def encode(self, text: str | None, image: Image.Image | None, instruction: str) -> GmeFeatures:
-        """Exactly `processor(text=[prompt], images=[image])` (no length limit); only the tokenizer is locked."""
+        """The ids `processor(text=[prompt], images=[image])` gives (no length limit), and the resized image."""
         prompt = format_input(text, has_image=image is not None, instruction=instruction)
-        pixel_values = grid = None
         if image is not None:
-            # The image processor is stateless numpy work: threads may run it concurrently.
-            processed = self.image_processor(images=[image], return_tensors="pt")
-            pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
-            prompt = prompt.replace(IMAGE_PAD, IMAGE_PAD * self.image_tokens(grid), 1)
+            image = self.processor_resize(image)
+            prompt = prompt.replace(IMAGE_PAD, IMAGE_PAD * self.image_tokens(image), 1)
         with self._lock:  # a fast tokenizer must not be used by two threads at once ("Already borrowed")
             ids = self.tokenizer(prompt)["input_ids"]
-        return GmeFeatures(list(ids), pixel_values, grid)
+        return GmeFeatures(list(ids), image)
 
-    def image_tokens(self, grid_thw: torch.Tensor) -> int:
-        """Image tokens of a (1, 3) grid: grid_t * grid_h * grid_w / merge_size**2."""
-        return int(grid_thw.prod().item()) // (self.merge_size**2)
+    def processor_resize(self, image: Image.Image) -> Image.Image:
+        """The processor's own resize (transformers' smart_resize within min/max pixels, then PIL's resample)."""
+        height, width = smart_resize(
+            image.height, image.width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+        )
+        return image if image.size == (width, height) else image.resize((width, height), resample=self.resample)
+
+    def image_tokens(self, image: Image.Image) -> int:
+        """Image tokens of an image at its final size: (h / 14) * (w / 14) / merge_size**2 (grid_t = 1)."""
+        return (image.height // self.factor) * (image.width // self.factor)
 
     def collate(self, features: list[GmeFeatures]) -> dict[str, torch.Tensor]:
-        """Right-pad ids into (B, L) with an attention mask; concatenate patches and grids in input order."""
+        """Right-pad ids into (B, L) with an attention mask; the image processor makes patches and grids, in order."""
         longest = max(f.cost for f in features)
         input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
@@ -146,12 +156,13 @@ class GmeInputBuilder:
             input_ids[row, : feature.cost] = torch.tensor(feature.input_ids, dtype=torch.long)
             attention_mask[row, : feature.cost] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        images = [f for f in features if f.pixel_values is not None]
+        images = [f.image for f in features if f.image is not None]
         if images:
             if len(images) != len(features):
                 raise ValueError("a GME batch must be all-image or all-text (modalities are never mixed)")
-            batch["pixel_values"] = torch.cat([f.pixel_values for f in images])
-            batch["image_grid_thw"] = torch.cat([f.image_grid_thw for f in images])
+            processed = self.image_processor(images=images, return_tensors="pt")
+            batch["pixel_values"] = processed["pixel_values"]
+            batch["image_grid_thw"] = processed["image_grid_thw"]
         return batch
 
 

@@ -121,6 +121,7 @@ class MultimodalEmbeddingProvider(BaseMultimodalEmbeddingProvider):
         )
         self.budget: BudgetPlan | None = None
         self._dim = int(self.model.config.hidden_size)
+        self._check_geometry()
         logger.info("GME loaded from %s on %s", source, self.spec.describe())
 
     # --- contract -------------------------------------------------------------------------------------------
@@ -150,6 +151,7 @@ class MultimodalEmbeddingProvider(BaseMultimodalEmbeddingProvider):
         self, images: list[Any], *, input_type: InputType = "document", instruction: str | None = None
     ) -> np.ndarray:
         """Embed images alone (path, bytes, base64 / data URI, PIL image; URLs only when allowed)."""
+        _check_list("images", images)
         return await self._run([(None, image) for image in images], "image", input_type, instruction)
 
     async def embed_fused(
@@ -161,13 +163,14 @@ class MultimodalEmbeddingProvider(BaseMultimodalEmbeddingProvider):
         instruction: str | None = None,
     ) -> np.ndarray:
         """Embed pairs (texts[i], images[i]) as one input each: image placeholder first, then the text."""
+        _check_list("images", images)
+        _check_texts(texts)
         if len(texts) != len(images):
             raise InvalidRequestError(
                 f"embed_fused needs one image per text: got {len(texts)} texts and {len(images)} images",
                 texts=len(texts),
                 images=len(images),
             )
-        _check_texts(texts)
         return await self._run(list(zip(texts, images, strict=True)), "fused", input_type, instruction)
 
     async def warmup(self) -> None:
@@ -215,18 +218,22 @@ class MultimodalEmbeddingProvider(BaseMultimodalEmbeddingProvider):
     async def _run(
         self, inputs: list[tuple[str | None, Any]], group: str, input_type: InputType, instruction: str | None
     ) -> np.ndarray:
+        if input_type not in ("query", "document"):
+            raise InvalidRequestError(f"input_type={input_type!r}: expected 'query' or 'document'")
         if not inputs:
             return np.zeros((0, self._dim), dtype=np.float32)
         prompt_instruction = resolve_instruction(input_type, instruction, self.config.instruction)
-        features = await asyncio.to_thread(self._prepare, inputs, prompt_instruction)
+        features = await asyncio.to_thread(self._prepare, inputs, prompt_instruction, group != "text")
         rows = await self.batcher.submit([WorkItem(f, f.cost, group) for f in features])
         return np.stack(rows).astype(np.float32, copy=False)
 
-    def _prepare(self, inputs: list[tuple[str | None, Any]], instruction: str) -> list[GmeFeatures]:
+    def _prepare(
+        self, inputs: list[tuple[str | None, Any]], instruction: str, with_images: bool
+    ) -> list[GmeFeatures]:
         """Worker thread: load and validate images, resize as fetch_image, run the processor."""
         prepared = []
         for index, (text, source) in enumerate(inputs):
-            image = None if source is None else fetch_image(self.images.load(source, index))
+            image = fetch_image(self.images.load(source, index)) if with_images else None
             prepared.append(self.builder.build(text, image, instruction))
         return prepared
 
@@ -252,6 +259,19 @@ class MultimodalEmbeddingProvider(BaseMultimodalEmbeddingProvider):
             image = fetch_image(largest_image(image_tokens * 784))
         return self.builder.build("warm up " * tokens, image, DEFAULT_INSTRUCTION, max_length=tokens)
 
+    def _check_geometry(self) -> None:
+        """GME's vectors are the decoder's last-token state: no other width, no other pooling."""
+        wanted = self.config.embedding_dim
+        if wanted is not None and wanted != self._dim:
+            raise ConfigurationError(
+                f"{ENV}EMBEDDING_DIM={wanted}, but {self.config.model_source} gives {self._dim}-wide vectors "
+                f"(GME has no Matryoshka truncation): set {ENV}EMBEDDING_DIM={self._dim} or leave it empty"
+            )
+        if self.config.pooling not in ("auto", "lasttoken"):
+            raise ConfigurationError(
+                f"{ENV}POOLING={self.config.pooling}: GME pools the last token; set auto or lasttoken"
+            )
+
     def _check_max_length(self) -> None:
         """The largest image plus the template must fit MAX_LENGTH, or such images could never be embedded."""
         largest = self.builder.encode(None, fetch_image(largest_image(self.config.max_pixels)), DEFAULT_INSTRUCTION)
@@ -273,7 +293,13 @@ def largest_image(max_pixels: int) -> Image.Image:
     return Image.new("RGB", (best[1] * 28, best[0] * 28), (128, 128, 128))
 
 
+def _check_list(name: str, values: Any) -> None:
+    if not isinstance(values, (list, tuple)):
+        raise InvalidInputTypeError(f"{name} must be a list, not {type(values).__name__}")
+
+
 def _check_texts(texts: Sequence[Any]) -> None:
+    _check_list("texts", texts)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise InvalidInputTypeError(f"texts[{i}] is {type(text).__name__}; expected a string", index=i)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -87,6 +88,15 @@ class QueryResult:
 def embedding_text(text: str, image_ref: str) -> str:
     """What `text_vec` embeds for a chunk: its text, or for an image without caption its reference."""
     return text if text.strip() else image_ref
+
+
+def default_image_ref(doc: Document) -> str:
+    """A file path or URL given as the image points back at it; anything else (bytes, base64) is named by doc_id."""
+    image = doc.image
+    if isinstance(image, str) and len(image) <= MAX_REF_LENGTH:
+        if image.startswith(("http://", "https://", "file://")) or os.path.isfile(image):
+            return image
+    return doc.doc_id
 
 
 class RAGService:
@@ -169,7 +179,7 @@ class RAGService:
 
     def _chunk_rows(self, doc: Document) -> list[dict[str, Any]]:
         if doc.image is not None:
-            ref = doc.image_ref or (doc.image if isinstance(doc.image, str) and len(doc.image) < 1024 else doc.doc_id)
+            ref = doc.image_ref or default_image_ref(doc)
             if len(ref.encode()) > MAX_REF_LENGTH:
                 raise InvalidRequestError(f"image_ref of '{doc.doc_id}' exceeds {MAX_REF_LENGTH} bytes")
             texts = [doc.text.strip()]

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from backend.api.deps import AUTH, RagDep, ServicesDep
+from backend.api.schemas import api_image
 from backend.errors import InvalidRequestError
 from backend.services.rag_service import Document
 from backend.services.vector_store import MAX_DOC_ID_LENGTH
@@ -70,7 +71,9 @@ async def ingest_documents(body: IngestRequest, rag: RagDep, services: ServicesD
                 f"Document '{doc.doc_id}' has {len(doc.text)} characters; at most "
                 f"BACKEND_MAX_CHARS_PER_ITEM={limits.max_chars_per_item}"
             )
-    documents = [Document(doc_id=d.doc_id, text=d.text, metadata=d.metadata, image=d.image, image_ref=d.image_ref)
+    # An API string is image data (base64 / data URI / allowed URL), never a path on this server.
+    documents = [Document(doc_id=d.doc_id, text=d.text, metadata=d.metadata,
+                          image=api_image(d.image) if d.image is not None else None, image_ref=d.image_ref)
                  for d in body.documents]
     results = await rag.ingest(documents)
     return IngestResponse(collection=rag.store.collection, documents=results)

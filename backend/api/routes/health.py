@@ -25,4 +25,6 @@ async def health(request: Request) -> JSONResponse:
         name: ({"enabled": True, **provider.info().as_dict()} if provider is not None else {"enabled": False})
         for name, provider in slots.items()
     }
-    return JSONResponse(content=HealthResponse(status="ok", providers=providers).model_dump(mode="json"))
+    store = services.rag.info() if services.rag is not None else None
+    body = HealthResponse(status="ok", providers=providers, store=store)
+    return JSONResponse(content=body.model_dump(mode="json"))

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictStr, model_validator
 
 from backend.api.deps import AUTH, MultimodalDep, ServicesDep
-from backend.api.schemas import RequestLimits, finite_rows
+from backend.api.schemas import RequestLimits, api_image, finite_rows
 from backend.errors import InvalidRequestError
 from backend.providers.base import InputType
 
@@ -47,14 +47,6 @@ class MultimodalEmbedResponse(BaseModel):
     embeddings: list[list[float]] = Field(description="Rows in request order: texts, then images, then pairs")
     dimension: int
     model: str
-
-
-def api_image(source: str) -> str:
-    """An API image string as the provider reads it: never a file path (callers must not read server files)."""
-    head = source.lstrip()[:8].lower()
-    if head.startswith(("data:", "http://", "https://")):
-        return source
-    return f"data:;base64,{source}"
 
 
 def _limited(body: MultimodalEmbedRequest, services: ServicesDep) -> MultimodalEmbedRequest:
