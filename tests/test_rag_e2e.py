@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.config import MultimodalEmbeddingConfig, Settings
 from backend.api.state import Services
+from backend.config import MultimodalEmbeddingConfig, Settings
 from backend.main import create_app
 from backend.providers.multimodal import MultimodalEmbeddingProvider
 from backend.services.rag_service import Document, RAGService
