@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from backend.config import ModelConfig
 from backend.errors import BackendError, ModelExecutionError, ShuttingDownError
 from backend.providers.batch_metrics import (
     BATCH_SIZE,
@@ -114,6 +115,22 @@ class BatchProcessor(Generic[P, R]):
         self._closing = False
         self._closed = False
         self.forward_count = 0  # forward passes run (observability and tests)
+
+    @classmethod
+    def from_config(
+        cls, runner: BatchRunner[P, R], config: ModelConfig, *, name: str, max_batch_tokens: int
+    ) -> BatchProcessor[P, R]:
+        """A processor bounded by a model slot's settings (batch size, queue limits and wait, error names)."""
+        return cls(
+            runner,
+            name=name,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_size=config.max_batch_size,
+            max_queue_items=config.max_queue_items,
+            max_queue_tokens=config.max_queue_tokens,
+            max_queue_time_s=config.max_queue_time_ms / 1000.0,
+            env_prefix=config.env_prefix(),
+        )
 
     # --- public API ------------------------------------------------------------------------------------------
     async def start(self) -> None:

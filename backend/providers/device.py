@@ -25,6 +25,7 @@ import torch
 
 from backend.config import ModelConfig
 from backend.errors import DeviceError, NonFiniteOutputError
+from backend.providers.base import ProviderInfo
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,21 @@ class DeviceSpec:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+    def provider_info(
+        self, *, model: str, dimension: int | None, memory_bytes: int, extra: dict[str, Any]
+    ) -> ProviderInfo:
+        """What /api/health shows of a local model placed by this spec."""
+        return ProviderInfo(
+            provider="local_gpu",
+            model=model,
+            dimension=dimension,
+            device=self.device,
+            dtype=self.dtype_name,
+            attn_implementation=self.attn_implementation,
+            memory_bytes=memory_bytes,
+            extra={"gpu": self.gpu_name, **extra},
+        )
 
     def describe(self) -> str:
         where = f"{self.device} ({self.gpu_name}, compute capability {self.capability})" if self.is_cuda else "cpu"

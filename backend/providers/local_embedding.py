@@ -81,15 +81,8 @@ class LocalEmbeddingProvider(BaseEmbeddingProvider):
                 f"{self.prefix}MAX_BATCH_TOKENS or lower {self.prefix}MAX_LENGTH."
             )
         provisional = budget if budget != "auto" else max(config.auto_batch_tokens_limit, self.max_length)
-        self.processor: BatchProcessor[Any, np.ndarray] = BatchProcessor(
-            self.runner,
-            name="embedding",
-            max_batch_tokens=provisional,
-            max_batch_size=config.max_batch_size,
-            max_queue_items=config.max_queue_items,
-            max_queue_tokens=config.max_queue_tokens,
-            max_queue_time_s=config.max_queue_time_ms / 1000.0,
-            env_prefix=self.prefix,
+        self.processor: BatchProcessor[Any, np.ndarray] = BatchProcessor.from_config(
+            self.runner, config, name="embedding", max_batch_tokens=provisional
         )
         self.plan: BudgetPlan | None = None
         self._ready_lock: asyncio.Lock | None = None
@@ -154,18 +147,13 @@ class LocalEmbeddingProvider(BaseEmbeddingProvider):
         return sum(item.cost for item in items)
 
     def info(self) -> ProviderInfo:
-        return ProviderInfo(
-            provider="local_gpu",
+        return self.spec.provider_info(
             model=self.config.model_name,
             dimension=self._dim,
-            device=self.spec.device,
-            dtype=self.spec.dtype_name,
-            attn_implementation=self.spec.attn_implementation,
             memory_bytes=self.memory_bytes,
             extra={
                 "runner": self.runner.kind,
                 "pooling": self.runner.pooling,
-                "gpu": self.spec.gpu_name,
                 "max_length": self.max_length,
                 "max_batch_tokens": self.processor.max_batch_tokens,
                 "budget_source": self.plan.source if self.plan else "not planned yet",

@@ -81,15 +81,8 @@ class LocalRerankerProvider(BaseRerankerProvider):
             budget = config.max_batch_tokens
         else:
             budget = config.max_length  # until warmup() plans the "auto" budget
-        self._batcher: BatchProcessor[Encoded, float] = BatchProcessor(
-            self._loaded.runner,
-            name="reranker",
-            max_batch_tokens=budget,
-            max_batch_size=config.max_batch_size,
-            max_queue_items=config.max_queue_items,
-            max_queue_tokens=config.max_queue_tokens,
-            max_queue_time_s=config.max_queue_time_ms / 1000,
-            env_prefix=self._prefix,
+        self._batcher: BatchProcessor[Encoded, float] = BatchProcessor.from_config(
+            self._loaded.runner, config, name="reranker", max_batch_tokens=budget
         )
         self._plan: BudgetPlan | None = None
         self._memory_bytes = model_memory_bytes(self._loaded.model)
@@ -138,12 +131,9 @@ class LocalRerankerProvider(BaseRerankerProvider):
 
     def info(self) -> ProviderInfo:
         plan = self._plan.as_dict() if self._plan is not None else {"max_batch_tokens": self.max_batch_tokens}
-        return ProviderInfo(
-            provider="local_gpu",
+        return self.spec.provider_info(
             model=self.config.model_name,
-            device=self.spec.device,
-            dtype=self.spec.dtype_name,
-            attn_implementation=self.spec.attn_implementation,
+            dimension=None,
             memory_bytes=self._memory_bytes,
             extra={
                 "scoring": self._loaded.path.name,

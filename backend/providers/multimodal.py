@@ -109,15 +109,8 @@ class MultimodalEmbeddingProvider(BaseMultimodalEmbeddingProvider):
         self.runner = GmeRunner(self.model, self.builder, self.spec, config.model_name)
         # "auto" is measured in warmup(); until then one input of MAX_LENGTH per batch.
         budget = config.max_batch_tokens if isinstance(config.max_batch_tokens, int) else config.max_length
-        self.batcher: BatchProcessor[GmeFeatures, np.ndarray] = BatchProcessor(
-            self.runner,
-            name="multimodal",
-            max_batch_tokens=budget,
-            max_batch_size=config.max_batch_size,
-            max_queue_items=config.max_queue_items,
-            max_queue_tokens=config.max_queue_tokens,
-            max_queue_time_s=config.max_queue_time_ms / 1000,
-            env_prefix=ENV,
+        self.batcher: BatchProcessor[GmeFeatures, np.ndarray] = BatchProcessor.from_config(
+            self.runner, config, name="multimodal", max_batch_tokens=budget
         )
         self.budget: BudgetPlan | None = None
         self._dim = int(self.model.config.hidden_size)
@@ -190,13 +183,9 @@ class MultimodalEmbeddingProvider(BaseMultimodalEmbeddingProvider):
             await self.embed(["warm-up"])
 
     def info(self) -> ProviderInfo:
-        return ProviderInfo(
-            provider="local_gpu",
+        return self.spec.provider_info(
             model=self.config.model_name,
             dimension=self._dim,
-            device=self.spec.device,
-            dtype=self.spec.dtype_name,
-            attn_implementation=self.spec.attn_implementation,
             memory_bytes=self.memory_bytes,
             extra={
                 "max_length": self.config.max_length,
