@@ -101,6 +101,10 @@ class ModelConfig(BaseSettings):
     # MAX_LENGTH when that is longer). Past ~16k tokens larger batches add little throughput (+8% from 16k to 65k
     # on an H200, docs gpu-baseline) but cost activation memory. Default 32768.
     auto_batch_tokens_limit: int = Field(default=32768, ge=64)
+    # Cap (GiB) on what this process may allocate on the model's GPU; the allocator refuses more and the "auto"
+    # budget is sized within it. Empty = the whole card. Use it to share a card with another process, or to
+    # reproduce a smaller card's budget on a bigger one (e.g. 11 for a GTX 1080 Ti). Ignored on the CPU.
+    gpu_memory_limit_gib: float | None = Field(default=None, gt=0)
     # How long (ms) a partial batch may wait for more arrivals while the device is busy. 0 = never wait: an idle
     # device takes a lone request at once; while it is busy, arrivals accumulate into the next batch anyway.
     max_queue_time_ms: float = Field(default=0.0, ge=0)

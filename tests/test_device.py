@@ -15,6 +15,7 @@ from backend.providers.batching import BatchProcessor
 from backend.providers.device import (
     CudaProbe,
     DeviceSpec,
+    apply_memory_limit,
     check_attention,
     ensure_finite,
     kernels_support,
@@ -209,8 +210,33 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     shapes: list[tuple[int, int]] = []
     monkeypatch.setattr(token_budget, "measure_activation_cost", lambda probe, device, max_length: (1024.0, 0))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8_000_000, 16_000_000))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     return shapes
+
+
+def test_free_memory_respects_the_per_process_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU_MEMORY_LIMIT_GIB (a per-process memory fraction) bounds what the auto budget may plan with."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8_000_000, 16_000_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1_000_000)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
+    assert token_budget.free_device_bytes(torch.device("cuda:0")) == 8_000_000  # no cap: the card's free memory
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.25)
+    assert token_budget.free_device_bytes(torch.device("cuda:0")) == 3_000_000  # 16e6 x 0.25 - 1e6 reserved
+
+
+def test_memory_limit_is_applied_and_one_above_the_card_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    fractions: list[float] = []
+    props = type("Props", (), {"total_memory": 11 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    spec = DeviceSpec("cuda:0", "float16", "sdpa", (6, 1), "GTX 1080 Ti")
+    apply_memory_limit(spec, 5.5, prefix="RERANKER_")
+    assert fractions == [0.5]
+    with pytest.raises(DeviceError, match=r"RERANKER_GPU_MEMORY_LIMIT_GIB=12.0 exceeds the 11.0 GiB of cuda:0"):
+        apply_memory_limit(spec, 12.0, prefix="RERANKER_")
+    apply_memory_limit(DeviceSpec("cpu", "float32", "sdpa"), 5.5, prefix="RERANKER_")  # no cap on the CPU
+    assert fractions == [0.5]
 
 
 def _oom_probe(shapes: list[tuple[int, int]]):  # noqa: ANN202

@@ -224,7 +224,25 @@ def resolve_device_spec(config: ModelConfig, probe: CudaProbe | None = None) -> 
         check_kernels(capability, probe.arch_list, device=config.device, gpu_name=gpu_name, prefix=prefix)
     dtype = resolve_dtype(config.dtype, config.device, capability, prefix=prefix)
     attn = check_attention(config.attn_implementation, config.device, capability, prefix=prefix)
-    return DeviceSpec(config.device, dtype, attn, capability, gpu_name)
+    spec = DeviceSpec(config.device, dtype, attn, capability, gpu_name)
+    apply_memory_limit(spec, config.gpu_memory_limit_gib, prefix=prefix)
+    return spec
+
+
+def apply_memory_limit(spec: DeviceSpec, limit_gib: float | None, *, prefix: str) -> None:
+    """Cap this process's allocations on the model's GPU at <PREFIX>GPU_MEMORY_LIMIT_GIB (unset or CPU: no cap)."""
+    if limit_gib is None or not spec.is_cuda:
+        return
+    total = torch.cuda.get_device_properties(spec.torch_device).total_memory
+    limit = int(limit_gib * 2**30)
+    if limit > total:
+        raise DeviceError(
+            f"{prefix}GPU_MEMORY_LIMIT_GIB={limit_gib} exceeds the {total / 2**30:.1f} GiB of {spec.device}: "
+            f"lower it or leave it empty",
+            setting=f"{prefix}GPU_MEMORY_LIMIT_GIB",
+        )
+    torch.cuda.set_per_process_memory_fraction(limit / total, spec.torch_device)
+    logger.info("%s: allocations capped at %.2f GiB (%sGPU_MEMORY_LIMIT_GIB)", spec.device, limit_gib, prefix)
 
 
 def verify_loaded_model(model: torch.nn.Module, spec: DeviceSpec, *, prefix: str, config: Any = None) -> None:

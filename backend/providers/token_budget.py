@@ -74,6 +74,16 @@ def measure_activation_cost(probe: ProbeForward, device: torch.device, max_lengt
     return per_token, fixed
 
 
+def free_device_bytes(device: torch.device) -> int:
+    """Memory this process may still allocate on `device`: the card's free memory, within a per-process cap
+    (<PREFIX>GPU_MEMORY_LIMIT_GIB sets one through torch's per-process memory fraction)."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    if fraction < 1.0:
+        free = min(free, int(total * fraction) - torch.cuda.memory_reserved(device))
+    return max(free, 0)
+
+
 def tokens_that_fit(free_bytes: int, per_token: float, fixed: int, margin: float) -> int:
     """Tokens whose activations fit in `free_bytes` after the margin and the fixed cost; a multiple of 64."""
     usable = free_bytes * (1.0 - margin) - fixed
@@ -157,7 +167,7 @@ async def _warm_explicit(
         per_token, fixed = await processor.run_exclusive(
             lambda: measure_activation_cost(probe, spec.torch_device, max_length)
         )
-        free, _ = torch.cuda.mem_get_info(spec.torch_device)
+        free = free_device_bytes(spec.torch_device)
         fits = tokens_that_fit(free, per_token, fixed, config.auto_batch_memory_margin)
         prefix = config.env_prefix()
         raise ConfigurationError(
@@ -184,7 +194,7 @@ async def _measure_auto(
     per_token, fixed = await processor.run_exclusive(
         lambda: measure_activation_cost(probe, spec.torch_device, max_length)
     )
-    free, _ = torch.cuda.mem_get_info(spec.torch_device)
+    free = free_device_bytes(spec.torch_device)
     tokens = min(tokens_that_fit(free, per_token, fixed, config.auto_batch_memory_margin), ceiling)
     tokens = min(tokens, config.auto_batch_tokens_limit) if tokens >= max_length else tokens
     check_budget_holds_max_length(tokens, max_length, prefix, measured=True)
