@@ -70,6 +70,7 @@ class Ballast:
         self.card_gib = card_gib
         self.bytes = 0
         self._block: Any = None
+        self.leftover_gib = 0.0  # torch memory still allocated when the ballast was placed (should be ~0)
 
     def __enter__(self) -> Ballast:
         if self.card_gib and self.device.startswith("cuda"):
@@ -79,6 +80,7 @@ class Ballast:
 
             gc.collect()  # whatever an earlier phase left (a baseline model) goes back to the driver first
             torch.cuda.empty_cache()
+            self.leftover_gib = torch.cuda.memory_allocated(self.device) / 2**30
             free, total = torch.cuda.mem_get_info(self.device)
             used_outside = total - free - torch.cuda.memory_reserved(self.device)  # context, other processes
             # A card of card_gib with the same context: leave card_gib - context - what torch holds now free.
@@ -89,8 +91,7 @@ class Ballast:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._block = None
-        self.bytes = 0
+        self._block = None  # `bytes` keeps the size held, for the report
         if self.device.startswith("cuda"):
             import torch
 
@@ -120,8 +121,9 @@ class LoopResult:
 
 async def closed_loop(call: Callable[[Any], Awaitable[Any]], make_request: Callable[[int], tuple[Any, int, int]],
                       clients: int, duration_s: float, warmup_s: float, drain_s: float = 60.0) -> LoopResult:
-    """`clients` loops of request -> answer -> next request. Counts requests that start and end inside the window
-    [warm-up end, warm-up end + duration]; make_request(i) returns (request, texts, tokens)."""
+    """`clients` loops of request -> answer -> next request. Counts the requests that complete inside the window
+    [warm-up end, warm-up end + duration] (latency from each one's own start); make_request(i) returns
+    (request, texts, tokens)."""
     window = {"start": float("inf"), "end": float("inf")}
     result = LoopResult(clients=clients, seconds=duration_s)
     stop = asyncio.Event()
@@ -138,7 +140,7 @@ async def closed_loop(call: Callable[[Any], Awaitable[Any]], make_request: Calla
             except Exception:
                 ok = False
             ended = time.perf_counter()
-            if began >= window["start"] and ended <= window["end"]:
+            if window["start"] <= ended <= window["end"]:
                 if ok:
                     result.requests += 1
                     result.texts += n_texts

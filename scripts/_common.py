@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -167,6 +169,10 @@ def run_script(name: str, main: Callable[[argparse.Namespace, Report], None], pa
                argv: list[str] | None = None) -> int:
     """Parse args, run `main(args, report)`, write the report; 1 (with the fix printed) on any failure."""
     args = parser.parse_args(argv)
+    # The providers log their decisions (token budget, memory, kernels) at INFO: part of every report's log.
+    logging.basicConfig(level=os.environ.get("BENCH_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     report = Report(script=name, args=dict(vars(args)))
     code = 0
     try:

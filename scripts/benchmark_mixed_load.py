@@ -46,8 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=8, help="closed-loop clients per model")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per phase")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each measured window")
-    parser.add_argument("--card-gib", type=float, default=0.0,
-                        help="not used here: each model has its whole GPU (kept for symmetry; memory is reported)")
     _server.add_arguments(parser)
     return parser
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md in one command (run from the repository root on a CUDA machine).
 #
-#   scripts/gpu_bench_all.sh [PHASE ...]      PHASE: verify emb rr gme load rag mixed1 (default: verify emb rr gme)
+#   scripts/gpu_bench_all.sh [PHASE ...]   PHASE: verify emb rr gme load rag mixed1 probe (default: verify emb rr gme)
 #
 # Writes one JSON report per phase and log.txt under $OUT (default ./bench-out). When a folder .whl/ exists, its
 # wheels (the project's pins: transformers 4.51.3, ...) are installed first into /tmp/site, ahead of the machine's
@@ -48,15 +48,17 @@ PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(verify emb rr gme)
 for phase in "${PHASES[@]}"; do
   case $phase in
+    probe) run probe 150 $PY scripts/_probe_budget.py --random-weights $EMB ;;
+    idle) run idle 120 $PY scripts/_probe_budget.py --random-weights $EMB --idle ;;
     verify) run verify 120 $PY scripts/verify_pascal.py --output "$OUT/verify_pascal.json" ;;
     emb) run emb "${EMB_TIMEOUT:-300}" $PY scripts/benchmark_local_embedding.py --random-weights $EMB \
            --duration "${DURATION:-3}" $CPU $QUICK --output "$OUT/emb.json" ;;
     rr) run rr 130 $PY scripts/benchmark_local_embedding.py --random-weights $RR $CPU $QUICK --output "$OUT/rr.json" ;;
     gme) run gme 110 $PY scripts/benchmark_local_embedding.py --random-weights $GME $CPU $QUICK \
            --output "$OUT/gme.json" ;;
-    load) run load 240 $PY scripts/verify_model_loading.py --random-weights $EMB --random-weights $RR \
-            --random-weights $GME $CPU --output "$OUT/load.json" ;;
-    rag) run rag 240 $PY scripts/benchmark_end_to_end_rag.py --random-weights $EMB --reranker-random-weights $RR \
+    load) run load 240 $PY scripts/verify_model_loading.py ${LOAD_GEOMETRIES:---random-weights $EMB \
+            --random-weights $RR --random-weights $GME} $CPU --output "$OUT/load.json" ;;
+    rag) run rag 240 $PY scripts/benchmark_end_to_end_rag.py --random-weights $EMB ${RAG_RERANKER:---reranker-random-weights $RR} \
            --in-process --documents "${RAG_DOCS:-200}" --duration "${DURATION:-3}" $CPU --output "$OUT/rag.json" ;;
     mixed1) run mixed1 300 $PY scripts/benchmark_mixed_load.py --devices "${MIXED_DEVICES:-cuda:0,cuda:0,cuda:0}" \
               --in-process --duration "${DURATION:-3}" --warmup 1 $TINY --output "$OUT/mixed.json" ;;
