@@ -47,6 +47,8 @@ class Recorder:
             raise RuntimeError("CUDA error: device-side assert")
         if "typed" in batch:
             raise NonFiniteOutputError("NaN in output")
+        if "oom" in batch:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if "short" in batch:
             return batch[:-1]
         return [ValueError(f"bad item {p}") if p == "nan" else f"r:{p}" for p in batch]
@@ -228,6 +230,8 @@ async def test_failing_batch_fails_only_its_requests_and_the_worker_goes_on() ->
         await proc.submit(items("short", "x"))
     with pytest.raises(ModelExecutionError, match="collating"):
         await proc.submit(items("bad-collate"))
+    with pytest.raises(ModelExecutionError, match=r"budget \(MAX_BATCH_TOKENS, now \d+\) does not fit"):
+        await proc.submit(items("oom"))  # an out-of-memory names the setting to lower
     assert await proc.submit(items("next")) == ["r:next"]
     await proc.close()
 

@@ -270,10 +270,31 @@ async def test_auto_budget_is_sized_to_free_memory_and_proven_by_the_warm_up(
     spec = DeviceSpec("cuda:0", "float16", "sdpa", (6, 1), "GTX 1080 Ti")
     plan = await plan_batch_tokens(proc, spec, embedding(device="cuda:0", max_batch_size=256), max_length=512,
                                    probe_forward=_oom_probe(fake_gpu))
-    # 6208 tokens measured to fit; the warm-up at 6208 ran out of memory (simulated), 4608 passed.
+    # 6208 tokens measured to fit; the warm-up filling 6208 (13 x 477) ran out of memory (simulated); 4608
+    # passed both proofs: rows of MAX_LENGTH and many short rows.
     assert (plan.tokens, plan.source, proc.max_batch_tokens) == (4608, "auto (measured)", 4608)
-    assert fake_gpu == [(12, 512), (9, 512)]
+    assert fake_gpu == [(13, 477), (9, 512), (36, 128)]
     await proc.close()
+
+
+def test_activation_cost_is_the_most_any_shape_paid_including_a_max_length_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Long rows cost more per token (the mask grows with the row): a row of MAX_LENGTH is always measured."""
+    peak = [0]
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak[0])
+    shapes: list[tuple[int, int]] = []
+
+    def probe(rows: int, tokens: int) -> None:
+        shapes.append((rows, tokens))
+        peak[0] = rows * tokens * 1000 + rows * tokens * tokens * 2  # linear part + a mask of tokens^2 per row
+
+    per_token, fixed = token_budget.measure_activation_cost(probe, torch.device("cuda:0"), 4096)
+    assert sorted(shapes) == [(1, 512), (1, 4096), (4, 512)]
+    assert (per_token, fixed) == (1000 + 2 * 4096, 0)
 
 
 async def test_auto_budget_below_one_max_length_input_is_refused(fake_gpu: list[tuple[int, int]]) -> None:

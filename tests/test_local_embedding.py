@@ -320,6 +320,19 @@ async def test_shutdown_drains_accepted_work_and_refuses_new(tiny_qwen3_embeddin
 
 # --- info and start-up refusals -----------------------------------------------------------------------------
 @module_loop
+async def test_small_request_does_not_wait_on_a_busy_tokenizer_on_the_event_loop(provider) -> None:
+    """Small requests tokenise inline, but never wait for a tokenizer another thread holds: they go to a thread."""
+    expected = await provider.embed(["a cat sits on the mat"])
+    assert provider.runner.tokenize_lock.acquire(timeout=5)
+    try:
+        task = asyncio.ensure_future(provider.embed(["a cat sits on the mat"]))
+        await asyncio.sleep(0.05)  # the loop keeps running while the tokenizer is held elsewhere
+        assert not task.done()
+    finally:
+        provider.runner.tokenize_lock.release()
+    np.testing.assert_allclose(await task, expected, atol=1e-6)
+
+
 async def test_info_for_health(provider) -> None:
     info = provider.info().as_dict()
     assert info["provider"] == "local_gpu" and info["model"] == "tiny-qwen3-embedding"

@@ -105,6 +105,7 @@ class BatchProcessor(Generic[P, R]):
         self.max_batch_size = max_batch_size
         self.max_queue_time_s = max_queue_time_s
         self._batch_cost: Callable[[list[int]], int] = getattr(runner, "batch_cost", None) or padded_cost
+        self._env_prefix = env_prefix
         self._queue = BatchQueue(name, max_items=max_queue_items, max_tokens=max_queue_tokens, env_prefix=env_prefix)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-device")
         self._wake = asyncio.Event()  # collator's wake-up: arrivals, device state, slot freed, close
@@ -327,9 +328,16 @@ class BatchProcessor(Generic[P, R]):
     def _wrap(self, exc: Exception, stage: str, items: int, tokens: int) -> BackendError:
         if isinstance(exc, BackendError):
             return exc
+        hint = ""
+        if "out of memory" in str(exc).lower():
+            FAILURES.labels(self.name, "out_of_memory").inc()
+            hint = (
+                f" The batch budget ({self._env_prefix}MAX_BATCH_TOKENS, now {self.max_batch_tokens}) does not fit "
+                "the device's memory: lower it, or raise the AUTO_BATCH_MEMORY_MARGIN of an auto budget."
+            )
         error = ModelExecutionError(
             f"The {self.name} model failed {stage} a batch of {items} inputs ({tokens} tokens): "
-            f"{type(exc).__name__}: {exc}",
+            f"{type(exc).__name__}: {exc}.{hint}",
             stage=stage,
         )
         error.__cause__ = exc

@@ -48,6 +48,23 @@ class _RunnerBase:
         # A fast tokenizer's truncation state is shared, mutable Rust state ("Already borrowed" across threads).
         self.tokenize_lock = threading.Lock()
 
+    def tokenize(self, texts: list[str], max_length: int) -> list[WorkItem[Any]]:
+        """One WorkItem per text (cost = tokens after truncation); waits for the tokenizer."""
+        with self.tokenize_lock:
+            return self._tokenize(texts, max_length)
+
+    def try_tokenize(self, texts: list[str], max_length: int) -> list[WorkItem[Any]] | None:
+        """`tokenize` without waiting (safe on the event loop): None while another thread holds the tokenizer."""
+        if not self.tokenize_lock.acquire(blocking=False):
+            return None
+        try:
+            return self._tokenize(texts, max_length)
+        finally:
+            self.tokenize_lock.release()
+
+    def _tokenize(self, texts: list[str], max_length: int) -> list[WorkItem[Any]]:
+        raise NotImplementedError
+
     def _rows(self, pooled: torch.Tensor) -> list[np.ndarray | BaseException]:
         """fp32 numpy rows; a row holding NaN/Inf becomes the typed error (fails only its request)."""
         values = pooled.float().cpu().numpy()
@@ -101,11 +118,10 @@ class Qwen3EmbeddingRunner(_RunnerBase):
             return [QUERY_TEMPLATE.format(instruction=task, text=text) for text in texts]
         return list(texts)
 
-    def tokenize(self, texts: list[str], max_length: int) -> list[WorkItem[list[int]]]:
-        with self.tokenize_lock:
-            encoded = self.tokenizer(
-                texts, add_special_tokens=False, truncation=True, max_length=max_length - 1
-            )["input_ids"]
+    def _tokenize(self, texts: list[str], max_length: int) -> list[WorkItem[Any]]:
+        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)[
+            "input_ids"
+        ]
         return [WorkItem(ids + [self.end_id], len(ids) + 1) for ids in encoded]
 
     def collate(self, payloads: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -186,9 +202,8 @@ class SentenceTransformerRunner(_RunnerBase):
         prompt = instruction if instruction is not None else self.prompts.get(input_type, "")
         return [prompt + text for text in texts] if prompt else list(texts)
 
-    def tokenize(self, texts: list[str], max_length: int) -> list[WorkItem[dict[str, list[int]]]]:
-        with self.tokenize_lock:
-            encoded = self.tokenizer(texts, truncation=True, max_length=max_length)
+    def _tokenize(self, texts: list[str], max_length: int) -> list[WorkItem[Any]]:
+        encoded = self.tokenizer(texts, truncation=True, max_length=max_length)
         keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in encoded]
         items = []
         for row in range(len(texts)):

@@ -1,11 +1,13 @@
 """The token budget of one forward batch (<PREFIX>MAX_BATCH_TOKENS): measured at boot, or checked when explicit.
 
-- GPU, "auto": measure the activation memory per token with two synthetic forwards (1 and 4 rows of up to 512
-  tokens, `torch.cuda.max_memory_allocated`), then size the budget to the device's free memory, keeping
-  AUTO_BATCH_MEMORY_MARGIN of it unused, capped at AUTO_BATCH_TOKENS_LIMIT and at MAX_BATCH_SIZE x MAX_LENGTH.
-  Logged with the numbers it came from.
-- GPU, explicit: a warm-up forward at the full budget (rows of MAX_LENGTH tokens, the worst shape); an
-  out-of-memory becomes a ConfigurationError naming MAX_BATCH_TOKENS and the size that would fit.
+- GPU, "auto": measure the activation memory per token with synthetic forwards (1 and 4 rows of 512 tokens and
+  one row of MAX_LENGTH; `torch.cuda.max_memory_allocated`) and keep the most any shape paid per token (long rows
+  pay more: the attention mask grows with the row), then size the budget to the memory this process may still
+  allocate, keeping AUTO_BATCH_MEMORY_MARGIN of it unused (allocator fragmentation), capped at
+  AUTO_BATCH_TOKENS_LIMIT and at MAX_BATCH_SIZE x MAX_LENGTH. The budget is then proven by warm-up forwards that
+  fill it (long rows and many short rows), shrinking it on an out-of-memory. Logged with the numbers it came from.
+- GPU, explicit: the same full-budget warm-up forwards; an out-of-memory becomes a ConfigurationError naming
+  MAX_BATCH_TOKENS and the size that would fit.
 - CPU: "auto" is AUTO_BATCH_TOKENS_LIMIT (raised to MAX_LENGTH); memory is not measured.
 - Always: the budget must hold one input of MAX_LENGTH tokens, else an error naming both settings.
 """
@@ -28,9 +30,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Synthetic forward used to measure: rows x tokens of the two probes (memory is linear in tokens with sdpa).
-MEASURE_ROWS = (1, 4)
-MEASURE_TOKENS = 512
+# Synthetic forwards measured at boot (rows x tokens); one row of MAX_LENGTH is always added.
+MEASURE_SHAPES = ((1, 512), (4, 512))
+# Row length of the many-short-rows warm-up shape.
+SHORT_ROW_TOKENS = 128
 # Shrink factor and attempts when an "auto" budget still runs out of memory in the warm-up forward.
 AUTO_SHRINK = 0.75
 AUTO_ATTEMPTS = 4
@@ -56,22 +59,20 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def measure_activation_cost(probe: ProbeForward, device: torch.device, max_length: int) -> tuple[float, int]:
-    """Bytes per token and fixed bytes of one forward on `device` (call in the device thread)."""
-    tokens = min(max_length, MEASURE_TOKENS)
-    peaks = []
-    for rows in MEASURE_ROWS:
+    """Bytes per token of one forward on `device` (call in the device thread): the most any probe shape paid,
+    its fixed cost included, so the second value (fixed bytes) is 0. Conservative for short rows."""
+    shapes = {(rows, min(tokens, max_length)) for rows, tokens in MEASURE_SHAPES} | {(1, max_length)}
+    per_token = 1.0
+    for rows, tokens in sorted(shapes):
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         probe(rows, tokens)
         torch.cuda.synchronize(device)
-        peaks.append(torch.cuda.max_memory_allocated(device) - base)
-    extra_tokens = (MEASURE_ROWS[1] - MEASURE_ROWS[0]) * tokens
-    per_token = max((peaks[1] - peaks[0]) / extra_tokens, peaks[1] / (MEASURE_ROWS[1] * tokens) / 4, 1.0)
-    fixed = max(int(peaks[0] - per_token * MEASURE_ROWS[0] * tokens), 0)
+        per_token = max(per_token, (torch.cuda.max_memory_allocated(device) - base) / (rows * tokens))
     torch.cuda.empty_cache()
-    return per_token, fixed
+    return per_token, 0
 
 
 def free_device_bytes(device: torch.device) -> int:
@@ -142,11 +143,21 @@ async def plan_batch_tokens(
     return plan
 
 
-def _warm_shape(tokens: int, max_length: int, ceiling: int) -> tuple[int, int]:
-    """Rows x length of the worst-case batch within `tokens`: rows of MAX_LENGTH tokens."""
+def warm_shapes(tokens: int, max_length: int, ceiling: int, max_rows: int) -> list[tuple[int, int]]:
+    """Batches (rows, length) that fill the budget: rows as long as MAX_LENGTH allows, then many short rows."""
     tokens = min(tokens, ceiling)
-    length = min(max_length, tokens)
-    return max(tokens // length, 1), length
+    rows = -(-tokens // max_length)  # ceil: e.g. 11,328 tokens with MAX_LENGTH 8192 -> 2 x 5,664
+    shapes = [(rows, tokens // rows)]
+    short = min(SHORT_ROW_TOKENS, max_length)
+    many = min(max_rows, tokens // short)
+    if many > rows:
+        shapes.append((many, short))
+    return shapes
+
+
+async def _prove(processor: BatchProcessor[Any, Any], probe: ProbeForward, shapes: list[tuple[int, int]]) -> None:
+    for rows, length in shapes:
+        await processor.run_exclusive(lambda r=rows, n=length: probe(r, n))
 
 
 async def _warm_explicit(
@@ -158,9 +169,8 @@ async def _warm_explicit(
     probe: ProbeForward,
     config: ModelConfig,
 ) -> None:
-    rows, length = _warm_shape(tokens, max_length, ceiling)
     try:
-        await processor.run_exclusive(lambda: probe(rows, length))
+        await _prove(processor, probe, warm_shapes(tokens, max_length, ceiling, config.max_batch_size))
     except Exception as exc:
         if not is_oom(exc):
             raise
@@ -191,17 +201,22 @@ async def _measure_auto(
     run_warmup: bool,
 ) -> BudgetPlan:
     prefix = config.env_prefix()
-    per_token, fixed = await processor.run_exclusive(
-        lambda: measure_activation_cost(probe, spec.torch_device, max_length)
-    )
+    try:
+        per_token, fixed = await processor.run_exclusive(
+            lambda: measure_activation_cost(probe, spec.torch_device, max_length)
+        )
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        check_budget_holds_max_length(0, max_length, prefix, measured=True)  # raises, naming MAX_LENGTH
+        raise
     free = free_device_bytes(spec.torch_device)
     tokens = min(tokens_that_fit(free, per_token, fixed, config.auto_batch_memory_margin), ceiling)
     tokens = min(tokens, config.auto_batch_tokens_limit) if tokens >= max_length else tokens
     check_budget_holds_max_length(tokens, max_length, prefix, measured=True)
     for _ in range(AUTO_ATTEMPTS if run_warmup else 0):
-        rows, length = _warm_shape(tokens, max_length, ceiling)
         try:
-            await processor.run_exclusive(lambda: probe(rows, length))  # noqa: B023 - awaited in this iteration
+            await _prove(processor, probe, warm_shapes(tokens, max_length, ceiling, config.max_batch_size))
             break
         except Exception as exc:
             if not is_oom(exc):
