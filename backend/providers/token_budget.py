@@ -34,9 +34,9 @@ logger = logging.getLogger(__name__)
 MEASURE_SHAPES = ((1, 512), (4, 512))
 # Row length of the many-short-rows warm-up shape.
 SHORT_ROW_TOKENS = 128
-# Shrink factor and attempts when an "auto" budget still runs out of memory in the warm-up forward.
-AUTO_SHRINK = 0.75
-AUTO_ATTEMPTS = 4
+# Shrink factor and attempts when an "auto" budget still runs out of memory in the warm-up forwards.
+AUTO_SHRINK = 0.9
+AUTO_ATTEMPTS = 5
 
 ProbeForward = Callable[[int, int], None]  # (rows, tokens per row) -> runs one synthetic forward on the device
 
@@ -59,20 +59,27 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def measure_activation_cost(probe: ProbeForward, device: torch.device, max_length: int) -> tuple[float, int]:
-    """Bytes per token of one forward on `device` (call in the device thread): the most any probe shape paid,
-    its fixed cost included, so the second value (fixed bytes) is 0. Conservative for short rows."""
-    shapes = {(rows, min(tokens, max_length)) for rows, tokens in MEASURE_SHAPES} | {(1, max_length)}
-    per_token = 1.0
-    for rows, tokens in sorted(shapes):
+    """(bytes per token, fixed bytes) of one forward on `device`; call in the device thread.
+
+    1 and 4 rows of 512 tokens give the slope per token and the fixed cost; one row of MAX_LENGTH gives what a
+    token costs in the longest rows (more: the attention mask grows with the row). The larger cost is kept.
+    """
+    short = min(MEASURE_SHAPES[0][1], max_length)
+    peaks = {}
+    for rows, tokens in sorted({(rows, short) for rows, _ in MEASURE_SHAPES} | {(1, max_length)}):
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         probe(rows, tokens)
         torch.cuda.synchronize(device)
-        per_token = max(per_token, (torch.cuda.max_memory_allocated(device) - base) / (rows * tokens))
+        peaks[(rows, tokens)] = torch.cuda.max_memory_allocated(device) - base
     torch.cuda.empty_cache()
-    return per_token, 0
+    (few, _), (many, _) = MEASURE_SHAPES
+    slope = (peaks[(many, short)] - peaks[(few, short)]) / ((many - few) * short)
+    fixed = max(int(peaks[(few, short)] - slope * few * short), 0)
+    longest = (peaks[(1, max_length)] - fixed) / max_length
+    return max(slope, longest, 1.0), fixed
 
 
 def free_device_bytes(device: torch.device) -> int:
@@ -221,7 +228,7 @@ async def _measure_auto(
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            smaller = int(tokens * AUTO_SHRINK) // 64 * 64
+            smaller = max(int(tokens * AUTO_SHRINK) // 64 * 64, max_length if tokens > max_length else 0)
             logger.warning("%s: %d tokens ran out of memory at warm-up; trying %d", processor.name, tokens, smaller)
             tokens = smaller
             check_budget_holds_max_length(tokens, max_length, prefix, measured=True)
