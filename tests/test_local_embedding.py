@@ -8,12 +8,14 @@ truncation=True, max_length; README's last_token_pool; F.normalize), written out
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from backend.config import EmbeddingConfig
+from backend.api.state import Services
+from backend.config import EmbeddingConfig, Settings
 from backend.errors import (
     ConfigurationError,
     DeviceError,
@@ -32,6 +35,7 @@ from backend.errors import (
     OverloadedError,
     ShuttingDownError,
 )
+from backend.main import create_app
 from backend.providers.device import CudaProbe
 from backend.providers.local_embedding import LocalEmbeddingProvider
 
@@ -219,9 +223,17 @@ async def test_full_queue_raises_overloaded(tiny_qwen3_embedding_dir) -> None:
     assert info.value.status_code == 429
     with pytest.raises(InvalidRequestError, match="more than it holds"):
         await small.embed(list("abcde"))
-    release.set()
-    await held
-    assert (await first).shape == (1, 64) and (await waiting).shape == (3, 64)
+    app = create_app(services=Services(settings=Settings.load(env_file=os.devnull), embedding=small))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            full = await client.post("/api/embed", json={"texts": ["e", "f"]})
+            assert full.status_code == 429 and full.json()["error"]["code"] == "overloaded"
+            assert "EMBEDDING_MAX_QUEUE_ITEMS=4" in full.json()["error"]["message"]
+            release.set()
+            await held
+            assert (await first).shape == (1, 64) and (await waiting).shape == (3, 64)
+            served = await client.post("/api/embed", json={"texts": ["e", "f"]})  # the queue drained: served again
+            assert served.status_code == 200 and len(served.json()["embeddings"]) == 2
     await small.close()
 
 
